@@ -1,0 +1,277 @@
+"""Rule registry, in-place layer conversion and the reversible handle.
+
+A rule converts an existing model by swapping the *class* of each Linear/Conv2d instance
+for a subclass whose forward asks the rule what to do. The module object, its Parameters
+(and so any optimizer already holding them), hooks and state_dict keys stay the same, and
+restoring is a class swap back. No model is ever copied per rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+_RULES: dict[str, type["Rule"]] = {}
+_CONVERTED_CLASSES: dict[type, type] = {}
+
+
+def register_rule(cls: type["Rule"]) -> type["Rule"]:
+    """Class decorator: one registry for every rule family, keyed by the rule's name."""
+    if cls.name in _RULES:
+        raise ValueError(f"rule {cls.name!r} is already registered")
+    _RULES[cls.name] = cls
+    return cls
+
+
+def list_rules() -> list[str]:
+    """Names accepted by apply_rule, in registration order."""
+    return list(_RULES)
+
+
+def get_rule_class(name: str) -> type["Rule"]:
+    try:
+        return _RULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown rule {name!r}; known rules: {', '.join(list_rules())}"
+        ) from None
+
+
+class _RuleLayer:
+    """Mixin placed in front of the layer's own class while a rule is applied."""
+
+    def forward(self, x):  # noqa: D401 - dispatch only
+        rule = self._bpfree_rule
+        if rule.active:
+            return rule.forward(self, x)
+        return self._bpfree_original_class.forward(self, x)
+
+    @property
+    def feedback(self):
+        """The tensor the backward pass uses in place of this layer's weight."""
+        return self._bpfree_rule.feedback(self)
+
+
+def _converted_class(cls: type) -> type:
+    if cls not in _CONVERTED_CLASSES:
+        _CONVERTED_CLASSES[cls] = type(f"Rule{cls.__name__}", (_RuleLayer, cls), {"__module__": __name__})
+    return _CONVERTED_CLASSES[cls]
+
+
+def conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding for convolution_backward, which does not accept 'same'/'valid'."""
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(layer.kernel_size, layer.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(
+                    f"padding='same' with an even effective kernel ({k}, dilation {d}) pads "
+                    "asymmetrically, which bpfree's conv rules do not support; use explicit padding"
+                )
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(layer.padding)
+
+
+def padded_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Apply non-zero padding modes explicitly, as nn.Conv2d does, returning the conv padding."""
+    if layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0)
+    return x, conv_padding(layer)
+
+
+class Rule:
+    """A learning rule: how converted layers run forward/backward and what happens after a step.
+
+    Subclasses set `name`, `defaults` (every accepted option with its default) and override
+    the hooks they need. Options are validated once, at apply time.
+    """
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # False where `feedback()` is not a stand-in for W (DFA's B_l projects the output error).
+    feedback_replaces_weight: ClassVar[bool] = True
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "(none)"
+            raise ValueError(f"rule {self.name!r} got unknown option(s) {unknown}; valid options: {valid}")
+        self.options = {**self.defaults, **options}
+        self.active = True
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Reject option values that would silently switch the mechanism off."""
+
+    def generator(self, device) -> torch.Generator | None:
+        """A dedicated generator when the user fixed a seed; else the global stream."""
+        seed = self.options.get("seed")
+        if seed is None:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) + self._draws)
+        self._draws += 1
+        return gen
+
+    _draws = 0
+
+    # --- per-layer hooks -------------------------------------------------------------
+    def convert_layer(self, layer: nn.Module, index: int) -> None:
+        """Create the per-layer state (buffers/parameters) the rule needs."""
+
+    def restore_layer(self, layer: nn.Module) -> None:
+        """Remove what convert_layer added."""
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer._bpfree_original_class.forward(layer, x)
+
+    def feedback(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.weight
+
+    # --- model-level hooks -----------------------------------------------------------
+    def attach(self, model: nn.Module, layers: list[nn.Module]) -> list:
+        """Install model-level hooks; return their handles so they can be removed."""
+        return []
+
+    def after_step(self, layers: list[nn.Module]) -> None:
+        """Work done after optimizer.step() (e.g. the weight-mirror phase)."""
+
+    def private_rng_states(self) -> dict:
+        """States of generators the rule owns, so diagnostics can rewind them."""
+        return {}
+
+    def set_private_rng_states(self, states: dict) -> None:
+        pass
+
+
+def _base_type_name(layer: nn.Module) -> str:
+    return next(t.__name__ for t in SUPPORTED_LAYERS if isinstance(layer, t))
+
+
+def _remove_state(layer: nn.Module, names: tuple[str, ...]) -> None:
+    for attr in names:
+        layer._buffers.pop(attr, None)
+        layer._parameters.pop(attr, None)
+
+
+class RuleHandle:
+    """What apply_rule returns: counts, the converted layers, restore, and the post-step call."""
+
+    def __init__(self, model: nn.Module, rule: Rule, layers: list[tuple[str, nn.Module]]):
+        self.model = model
+        self.rule = rule
+        self.named_layers = layers
+        self.counts = dict(Counter(_base_type_name(m) for _, m in layers))
+        self._hooks = rule.attach(model, [m for _, m in layers])
+        self._removed = False
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [m for _, m in self.named_layers]
+
+    def after_step(self) -> None:
+        """Call after every optimizer.step(); rules that learn their feedback do it here."""
+        self.rule.after_step(self.layers)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the model with plain BP inside the block (used by diagnostics)."""
+        previous = self.rule.active
+        self.rule.active = False
+        try:
+            yield
+        finally:
+            self.rule.active = previous
+
+    def remove(self) -> None:
+        """Restore every converted layer's class and drop the rule's state and hooks."""
+        if self._removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        for _, layer in self.named_layers:
+            self.rule.restore_layer(layer)
+            layer.__class__ = layer._bpfree_original_class
+            del layer._bpfree_rule
+            del layer._bpfree_original_class
+        self._removed = True
+
+    def __enter__(self) -> "RuleHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        return f"RuleHandle(rule={self.name!r}, converted={{{counts}}})"
+
+
+def _functional_submodules(model: nn.Module) -> set[int]:
+    """Linear layers whose weights a parent uses functionally, bypassing their forward."""
+    skipped = set()
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            skipped.add(id(module.out_proj))
+    return skipped
+
+
+def apply_rule(model: nn.Module, name: str, **options) -> RuleHandle:
+    """Convert every Linear/Conv2d of `model` in place to learn with rule `name`.
+
+    Build the optimizer after this call: Kolen-Pollack adds trainable feedback
+    Parameters. Returns a handle; `handle.remove()` (or leaving a `with` block) restores
+    the model exactly.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_rule needs an nn.Module, got {type(model).__name__}")
+    rule = get_rule_class(name)(**options)
+    bypassed = _functional_submodules(model)
+    layers: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
+    for qualname, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_LAYERS):
+            continue
+        if hasattr(module, "_bpfree_rule"):
+            raise ValueError(
+                f"layer {qualname or type(module).__name__!r} already has rule "
+                f"{module._bpfree_rule.name!r} applied; call remove() on its handle first"
+            )
+        if id(module) in bypassed:
+            skipped.append(qualname)
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"layer {qualname!r} is lazy and uninitialised; run one forward pass first")
+        layers.append((qualname, module))
+    if skipped:
+        warnings.warn(
+            "nn.MultiheadAttention computes its projections functionally, so these layers "
+            f"keep plain BP: {skipped}. Use explicit Linear projections to put them under the rule.",
+            stacklevel=2,
+        )
+    if not layers:
+        raise ValueError(
+            f"rule {name!r} found nothing to convert in {type(model).__name__}: it converts "
+            "nn.Linear and nn.Conv2d layers (and subclasses)"
+        )
+    for index, (_, layer) in enumerate(layers):
+        original = type(layer)
+        layer._bpfree_original_class = original
+        layer._bpfree_rule = rule
+        layer.__class__ = _converted_class(original)
+        rule.convert_layer(layer, index)
+    return RuleHandle(model, rule, layers)

@@ -1,0 +1,111 @@
+"""Rules that learn their feedback so it comes to align with W: Kolen-Pollack and Weight Mirror.
+
+Both follow Akrout et al. (NeurIPS 2019), fixing the two bugs of the reference code that
+switch the mechanism off: KP's decay defaulting to 1 (no decay) and WM's no-op rescale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree.rules.base import register_rule
+from bpfree.rules.feedback_alignment import FEEDBACK_INITS, StoredFeedbackRule, draw_like_weight
+from bpfree.rules.functional import conv_weight_gradient
+
+
+@register_rule
+class KolenPollack(StoredFeedbackRule):
+    """KP: B is a trainable Parameter that receives the same local update as W.
+
+    With an L2 decay d on both, an SGD step with learning rate eta gives
+    W <- (1 - eta d) W - eta dW and B <- (1 - eta d) B - eta dW, so W - B shrinks by
+    lambda = 1 - eta d every step and B converges to W whatever its start. Because B is an
+    ordinary Parameter with an ordinary .grad, any optimizer, scheduler, AMP and DDP apply
+    to it unchanged; build the optimizer after apply_rule so it sees B.
+    """
+
+    name = "kp"
+    defaults = {"init": "xavier_uniform", "decay": 1e-3, "seed": None}
+
+    def validate_options(self):
+        super().validate_options()
+        decay = self.options["decay"]
+        if not isinstance(decay, (int, float)) or decay <= 0:
+            raise ValueError(
+                f"rule 'kp': decay must be > 0 (got {decay!r}); with no decay W - B never shrinks "
+                "and KP degenerates to FA"
+            )
+
+    @property
+    def decay(self) -> float:
+        return float(self.options["decay"])
+
+    def convert_layer(self, layer, index):
+        with torch.no_grad():
+            feedback = draw_like_weight(layer.weight, self.options["init"], self.generator(layer.weight.device))
+        layer.register_parameter("feedback_weight", nn.Parameter(feedback))
+
+
+@register_rule
+class WeightMirror(StoredFeedbackRule):
+    """WM: after each optimizer step, a mirror phase drives B towards W with noise alone.
+
+    Mirror phase per layer: inject x ~ N(0, sigma^2) (no bias, no nonlinearity), y = W x,
+    then B <- B + eta_m * (y x^T / (n sigma^2) - B). Since E[y x^T] = n sigma^2 W, B relaxes
+    to W at rate eta_m per mirror step and its scale stays bounded -- the role the
+    reference code's (no-op) rescale was meant to play. Conv layers use unpadded stride-1
+    noise so every kernel tap is exercised at every position.
+    """
+
+    name = "wm"
+    defaults = {
+        "init": "xavier_uniform",
+        "mirror_lr": 0.05,
+        "mirror_batch": 64,
+        "mirror_steps": 1,
+        "noise_std": 1.0,
+        "seed": None,
+    }
+
+    def validate_options(self):
+        super().validate_options()
+        opts = self.options
+        if not 0 < opts["mirror_lr"] <= 1:
+            raise ValueError(f"rule 'wm': mirror_lr must be in (0, 1], got {opts['mirror_lr']!r}")
+        for key in ("mirror_batch", "mirror_steps"):
+            if not isinstance(opts[key], int) or opts[key] < 1:
+                raise ValueError(f"rule 'wm': {key} must be a positive int, got {opts[key]!r}")
+        if opts["noise_std"] <= 0:
+            raise ValueError(f"rule 'wm': noise_std must be > 0, got {opts['noise_std']!r}")
+
+    def initial_feedback(self, layer):
+        return draw_like_weight(layer.weight, self.options["init"], self.generator(layer.weight.device))
+
+    @torch.no_grad()
+    def mirror(self, layer: nn.Module) -> None:
+        """One mirror step on one layer."""
+        opts = self.options
+        weight = layer.weight.detach()
+        std = opts["noise_std"]
+        n = opts["mirror_batch"]
+        gen = self.generator(weight.device)
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            dh, dw = layer.dilation
+            shape = (n, layer.in_channels, dh * (kh - 1) + kh, dw * (kw - 1) + kw)
+            x = torch.randn(shape, generator=gen, device=weight.device, dtype=weight.dtype) * std
+            y = F.conv2d(x, weight, None, 1, 0, layer.dilation, layer.groups)
+            positions = y.shape[-1] * y.shape[-2]
+            outer = conv_weight_gradient(x, y, weight.shape, layer.dilation, layer.groups)
+            estimate = outer / (n * positions * std**2)
+        else:
+            x = torch.randn((n, weight.shape[1]), generator=gen, device=weight.device, dtype=weight.dtype) * std
+            y = x @ weight.t()
+            estimate = y.t() @ x / (n * std**2)
+        layer.feedback_weight.lerp_(estimate, opts["mirror_lr"])
+
+    def after_step(self, layers):
+        for _ in range(self.options["mirror_steps"]):
+            for layer in layers:
+                self.mirror(layer)
