@@ -1,0 +1,524 @@
+"""Benchmark architectures, built only from layers a learning rule can swap by class.
+
+Every weighted layer is a plain ``nn.Linear`` or ``nn.Conv2d`` that runs its own
+``forward`` exactly once per pass, so a rule library can convert layers by class and
+hook them. For the same reason residual additions are ``Add`` modules, flattening is an
+``nn.Flatten`` and every activation call is its own (never in-place) module: a rule that
+needs a block's output, or the input of a nonlinearity, can hook a module instead of
+patching a ``forward``. Nothing here imports the rest of bpfree.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+__all__ = [
+    "Add",
+    "BasicBlock",
+    "BertClassifier",
+    "ChannelPadShortcut",
+    "ImageSizeCheckedSequential",
+    "INIT_SCHEMES",
+    "ACTIVATIONS",
+    "ResNet",
+    "SelfAttention",
+    "TransformerEncoderBlock",
+    "build_model",
+    "init_weights",
+    "list_models",
+    "make_activation",
+    "model_options",
+    "register_model",
+]
+
+INIT_SCHEMES = ("default", "xavier_uniform")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity")
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+# --------------------------------------------------------------------------- registry
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a builder ``fn(num_classes, **options)``; its keyword defaults are its options."""
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is already registered")
+        parameters = list(inspect.signature(builder).parameters)
+        if not parameters or parameters[0] != "num_classes":
+            raise TypeError(f"builder for {name!r} must take num_classes as its first parameter")
+        _BUILDERS[name] = builder
+        return builder
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return _BUILDERS[name]
+
+
+def model_options(name: str) -> dict[str, object]:
+    """Options a model accepts with their defaults, so configs can be validated before building."""
+    signature = inspect.signature(_builder(name))
+    return {key: p.default for key, p in signature.parameters.items() if key != "num_classes"}
+
+
+def build_model(name: str, num_classes: int, **options) -> nn.Module:
+    """Build a registered model; typos in config options fail loudly instead of being ignored."""
+    valid = model_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; "
+            f"valid options: {', '.join(valid)}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return _builder(name)(num_classes, **options)
+
+
+# ------------------------------------------------------------------------- components
+
+def init_weights(model: nn.Module, scheme: str = "default") -> nn.Module:
+    """Re-initialise Linear/Conv2d layers so results match papers that fix the init.
+
+    "default" keeps whatever the constructors drew (torch's default, or torchvision's
+    for resnet18). "xavier_uniform" draws Xavier-uniform weights and zero biases, as
+    the biotorch benchmark does; norms and embeddings keep their defaults.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; valid schemes: {', '.join(INIT_SCHEMES)}")
+    if scheme == "xavier_uniform":
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
+
+
+def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
+    """A fresh, non-in-place activation module: in-place ops break module backward hooks."""
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "gelu": nn.GELU,
+        "identity": nn.Identity,
+    }
+    if name not in factories:
+        raise ValueError(f"unknown activation {name!r}; valid activations: {', '.join(ACTIVATIONS)}")
+    return factories[name]()
+
+
+class Add(nn.Module):
+    """Residual sum as a module, so rules can hook where the skip path rejoins."""
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return residual + shortcut
+
+
+class ImageSizeCheckedSequential(nn.Sequential):
+    """A Sequential whose flattened head only fits one input size: fail with a clear message."""
+
+    def __init__(self, layers: OrderedDict, image_size: tuple[int, int]):
+        super().__init__(layers)
+        self.image_size = tuple(image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"{type(self).__name__} expects (B, C, {self.image_size[0]}, {self.image_size[1]}) "
+                f"images, got shape {tuple(x.shape)}; pad or resize the inputs "
+                f"(e.g. MNIST 28x28 -> 32x32 with 2 pixels of padding)"
+            )
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}"
+
+
+# ------------------------------------------------------------------------------- MLPs
+
+@register_model("mlp")
+def mlp(
+    num_classes: int,
+    in_features: int = 784,
+    depth: int = 1,
+    width: int = 500,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    bias: bool = True,
+    init: str = "default",
+) -> nn.Module:
+    """Fully connected net; depth=0 is a linear classifier. Flattens any (B, *) input."""
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    make_activation(activation, negative_slope)  # reject an unknown name before building
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    features = in_features
+    for index in range(1, depth + 1):
+        layers[f"fc{index}"] = nn.Linear(features, width, bias=bias)
+        layers[f"act{index}"] = make_activation(activation, negative_slope)
+        features = width
+    layers["classifier"] = nn.Linear(features, num_classes, bias=bias)
+    return init_weights(nn.Sequential(layers), init)
+
+
+# ----------------------------------------------------------------------------- LeNets
+
+@register_model("lenet_mnist")
+def lenet_mnist(num_classes: int = 10, in_channels: int = 1, init: str = "default") -> nn.Module:
+    """LeCun et al. 1998 LeNet-5 (ReLU, max-pool); the 5x5 convs need 32x32 inputs."""
+    layers = OrderedDict(
+        conv1=nn.Conv2d(in_channels, 6, kernel_size=5),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(6, 16, kernel_size=5),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),
+        conv3=nn.Conv2d(16, 120, kernel_size=5),
+        relu3=nn.ReLU(),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(120, 84),
+        relu4=nn.ReLU(),
+        classifier=nn.Linear(84, num_classes),
+    )
+    return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+
+
+@register_model("lenet_cifar")
+def lenet_cifar(num_classes: int = 10, in_channels: int = 3, init: str = "default") -> nn.Module:
+    """biotorch's LeNet for CIFAR: unpadded 3x3 convs, then global average pooling."""
+    layers = OrderedDict(
+        conv1=nn.Conv2d(in_channels, 32, kernel_size=3),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, kernel_size=3),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),
+        conv3=nn.Conv2d(64, 128, kernel_size=3),
+        relu3=nn.ReLU(),
+        avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(128, 256),
+        relu4=nn.ReLU(),
+        classifier=nn.Linear(256, num_classes),
+    )
+    return init_weights(nn.Sequential(layers), init)
+
+
+# -------------------------------------------------------------------------------- VGG
+
+@register_model("vgg_cifar")
+def vgg_cifar(
+    num_classes: int = 10, in_channels: int = 3, dropout: float = 0.5, init: str = "default"
+) -> nn.Module:
+    """VGG-like CIFAR net without BatchNorm, the usual feedback-alignment conv benchmark."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = in_channels
+    stages = ((32, 64), (128, 128), (256, 256))
+    conv_index = 0
+    for stage_index, stage in enumerate(stages, start=1):
+        for out_channels in stage:
+            conv_index += 1
+            layers[f"conv{conv_index}"] = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+            layers[f"relu{conv_index}"] = nn.ReLU()
+            channels = out_channels
+        layers[f"pool{stage_index}"] = nn.MaxPool2d(2)
+    layers["flatten"] = nn.Flatten()
+    layers["fc1"] = nn.Linear(256 * 4 * 4, 1024)
+    layers["fc1_relu"] = nn.ReLU()
+    layers["fc1_dropout"] = nn.Dropout(dropout)
+    layers["fc2"] = nn.Linear(1024, 512)
+    layers["fc2_relu"] = nn.ReLU()
+    layers["fc2_dropout"] = nn.Dropout(dropout)
+    layers["classifier"] = nn.Linear(512, num_classes)
+    return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+
+
+# ---------------------------------------------------------------------------- ResNets
+
+class ChannelPadShortcut(nn.Module):
+    """He et al. 2016 option-A shortcut: subsample and zero-pad channels, no weights.
+
+    Parameter-free, so every weighted layer of a CIFAR ResNet lies on the main path and
+    a feedback rule never has to train a projection the paper's network does not have.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError("a zero-padding shortcut cannot reduce the channel count")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_channels - self.in_channels
+        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut; attribute names match torchvision's."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if stride == 1 and in_channels == out_channels:
+            self.downsample: nn.Module = nn.Identity()
+        elif shortcut == "A":
+            self.downsample = ChannelPadShortcut(in_channels, out_channels, stride)
+        elif shortcut == "B":
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            raise ValueError(f"unknown shortcut {shortcut!r}; valid shortcuts: A, B")
+        self.add = Add()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(self.add(out, self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """Stem, stages of BasicBlocks, global pool, classifier; one forward for every ResNet here."""
+
+    def __init__(
+        self,
+        stage_channels: tuple[int, ...],
+        blocks_per_stage: tuple[int, ...],
+        num_classes: int,
+        in_channels: int = 3,
+        shortcut: str = "B",
+        stem: str = "cifar",
+    ):
+        super().__init__()
+        first = stage_channels[0]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, first, 3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, first, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            raise ValueError(f"unknown stem {stem!r}; valid stems: cifar, imagenet")
+        self.bn1 = nn.BatchNorm2d(first)
+        self.relu = nn.ReLU()
+        self.num_stages = len(stage_channels)
+        channels = first
+        for index, (out_channels, blocks) in enumerate(zip(stage_channels, blocks_per_stage), start=1):
+            stride = 1 if index == 1 else 2
+            stage = []
+            for block_index in range(blocks):
+                stage.append(BasicBlock(channels, out_channels, stride if block_index == 0 else 1, shortcut))
+                channels = out_channels
+            setattr(self, f"layer{index}", nn.Sequential(*stage))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for index in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{index}")(x)
+        return self.fc(self.flatten(self.avgpool(x)))
+
+
+def _cifar_resnet(num_classes: int, blocks: int, in_channels: int, shortcut: str, init: str) -> ResNet:
+    model = ResNet((16, 32, 64), (blocks,) * 3, num_classes, in_channels, shortcut, stem="cifar")
+    return init_weights(model, init)
+
+
+@register_model("resnet20")
+def resnet20(
+    num_classes: int = 10, in_channels: int = 3, shortcut: str = "A", init: str = "default"
+) -> nn.Module:
+    """He et al. 2016 CIFAR ResNet-20 (0.27M params).
+
+    Defaults to the paper's option-A (zero-padding) shortcut, which keeps all 20 weighted
+    layers on the main path; shortcut="B" uses 1x1 conv + BN projections instead.
+    """
+    return _cifar_resnet(num_classes, 3, in_channels, shortcut, init)
+
+
+@register_model("resnet56")
+def resnet56(
+    num_classes: int = 10, in_channels: int = 3, shortcut: str = "A", init: str = "default"
+) -> nn.Module:
+    """He et al. 2016 CIFAR ResNet-56 (0.85M params); shortcut as in resnet20."""
+    return _cifar_resnet(num_classes, 9, in_channels, shortcut, init)
+
+
+@register_model("resnet18")
+def resnet18(
+    num_classes: int = 10, in_channels: int = 3, cifar_stem: bool = True, init: str = "default"
+) -> nn.Module:
+    """torchvision's ResNet-18 with explicit Add modules; cifar_stem keeps small images' resolution.
+
+    The weights are drawn by ``torchvision.models.resnet18(weights=None)`` and loaded
+    strictly, so the init and state_dict keys are torchvision's; cifar_stem=True swaps
+    the 7x7/2 conv + max-pool stem for a 3x3/1 conv (the usual CIFAR/Tiny-ImageNet variant).
+    """
+    stem = "cifar" if cifar_stem else "imagenet"
+    model = ResNet((64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_channels, "B", stem)
+    reference = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if cifar_stem or in_channels != 3:
+        reference.conv1 = model.conv1  # no torchvision equivalent: initialise it the torchvision way
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.load_state_dict(reference.state_dict())
+    return init_weights(model, init)
+
+
+# ------------------------------------------------------------------------ Transformer
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with its four projections as real nn.Linear calls.
+
+    nn.MultiheadAttention uses its out_proj weight functionally, which a rule swapping
+    Linear layers by class would silently miss.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` (B, T): true/1 for real tokens; padding keys get no attention."""
+        batch, length, dim = x.shape
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, length):
+                raise ValueError(f"attention_mask must have shape {(batch, length)}, got {tuple(attention_mask.shape)}")
+            keep = attention_mask.bool()[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            self._split_heads(self.q_proj(x)),
+            self._split_heads(self.k_proj(x)),
+            self._split_heads(self.v_proj(x)),
+            attn_mask=keep,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Post-LN encoder block as in BERT: norm(x + attention(x)), then norm(x + ffn(x))."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.attention = SelfAttention(dim, heads, dropout)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.attention_residual = Add()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.ffn1 = nn.Linear(dim, ffn_dim)
+        self.ffn_activation = nn.GELU()
+        self.ffn2 = nn.Linear(ffn_dim, dim)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.ffn_residual = Add()
+        self.ffn_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.attention_dropout(self.attention(x, attention_mask))
+        x = self.attention_norm(self.attention_residual(attended, x))
+        transformed = self.ffn_dropout(self.ffn2(self.ffn_activation(self.ffn1(x))))
+        return self.ffn_norm(self.ffn_residual(transformed, x))
+
+
+class BertClassifier(nn.Module):
+    """A small BERT: embeddings, post-LN encoder blocks, tanh pooler on the first token."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        vocab_size: int = 1000,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        ffn_dim: int = 128,
+        max_len: int = 64,
+        dropout: float = 0.1,
+        type_vocab_size: int = 2,
+    ):
+        super().__init__()
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.segment_embedding = nn.Embedding(type_vocab_size, dim)
+        self.position_embedding = nn.Embedding(max_len, dim)
+        self.embedding_norm = nn.LayerNorm(dim)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerEncoderBlock(dim, heads, ffn_dim, dropout) for _ in range(depth))
+        self.pooler = nn.Linear(dim, dim)
+        self.pooler_activation = nn.Tanh()
+        self.classifier_dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.segment_embedding(token_type_ids) + self.position_embedding(positions)
+        x = self.embedding_dropout(self.embedding_norm(x))
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        pooled = self.pooler_activation(self.pooler(x[:, 0]))
+        return self.classifier(self.classifier_dropout(pooled))
+
+
+@register_model("bert_classifier")
+def bert_classifier(
+    num_classes: int,
+    vocab_size: int = 1000,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    ffn_dim: int = 128,
+    max_len: int = 64,
+    dropout: float = 0.1,
+    init: str = "default",
+) -> nn.Module:
+    """Small BERT-style sequence classifier; forward(input_ids, token_type_ids=None, attention_mask=None)."""
+    model = BertClassifier(num_classes, vocab_size, dim, depth, heads, ffn_dim, max_len, dropout)
+    return init_weights(model, init)
