@@ -1,0 +1,328 @@
+"""apply_rule on real architectures, its errors, and exact reversibility."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import bpfree
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
+
+RULES = bpfree.list_rules()
+
+
+def module_scan(model):
+    linear = sum(type(m) is nn.Linear or (isinstance(m, nn.Linear) and not _is_mha_out(model, m)) for m in model.modules())
+    conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    return {k: v for k, v in (("Conv2d", conv), ("Linear", linear)) if v}
+
+
+def _is_mha_out(model, layer):
+    return any(isinstance(m, nn.MultiheadAttention) and m.out_proj is layer for m in model.modules())
+
+
+def original_weights(model):
+    return [(n, p) for n, p in model.named_parameters() if not n.endswith("feedback_weight")]
+
+
+def train_step(model, handle, x, y, lr=0.01):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    before = {n: p.detach().clone() for n, p in original_weights(model)}
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    for name, layer in handle.named_layers:
+        assert layer.weight.grad is not None, f"{name}: no weight gradient"
+        assert torch.isfinite(layer.weight.grad).all(), f"{name}: non-finite gradient"
+        assert layer.weight.grad.abs().sum() > 0, f"{name}: zero gradient"
+    opt.step()
+    handle.after_step()
+    for name, layer in handle.named_layers:
+        assert not torch.equal(layer.weight.detach(), before[name + ".weight" if name else "weight"]), name
+    return loss.item()
+
+
+# --------------------------------------------------------------------------------------
+# ResNet-18 and transformer blocks
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", RULES)
+def test_resnet18_every_layer_converted_and_trains(rule):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    scan = module_scan(model)
+    assert scan == {"Conv2d": 20, "Linear": 1}
+    handle = bpfree.apply_rule(model, rule)
+    assert handle.counts == scan
+    assert len(handle.layers) == 21
+    assert {n for n, _ in handle.named_layers} == {
+        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+    assert all(m._bpfree_rule is handle.rule for m in handle.layers)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([1, 7])
+    loss = train_step(model, handle, x, y)
+    assert loss == loss  # not NaN
+
+
+class ExplicitEncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block with explicit q/k/v/out/ffn Linear layers."""
+
+    def __init__(self, d=16, heads=2, ffn=32, classes=3):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.ffn1, self.ffn2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.head = nn.Linear(d, classes)
+
+    def split(self, t):
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        attn = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.out(attn.transpose(1, 2).reshape(x.shape))
+        x = x + self.ffn2(F.gelu(self.ffn1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_explicit_transformer_block_converted_and_trains(rule):
+    torch.manual_seed(1)
+    model = ExplicitEncoderBlock()
+    handle = bpfree.apply_rule(model, rule)
+    assert handle.counts == {"Linear": 7}
+    x = torch.randn(4, 5, 16)
+    y = torch.tensor([0, 1, 2, 1])
+    # forward output identical to the unconverted model: rules only change the backward
+    with handle.suspended():
+        expected = model(x)
+    assert torch.equal(model(x), expected)
+    train_step(model, handle, x, y)
+
+
+class MHAModel(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_out_proj_warned_and_not_converted():
+    model = MHAModel()
+    out_proj_class = type(model.attn.out_proj)
+    with pytest.warns(UserWarning, match=r"attn\.out_proj"):
+        handle = bpfree.apply_rule(model, "fa")
+    assert handle.counts == {"Linear": 1}
+    assert [n for n, _ in handle.named_layers] == ["head"]
+    assert type(model.attn.out_proj) is out_proj_class
+    assert not hasattr(model.attn.out_proj, "_bpfree_rule")
+    train_step(model, handle, torch.randn(2, 4, 8), torch.tensor([0, 2]))
+
+
+def test_no_warning_without_multihead_attention():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bpfree.apply_rule(nn.Sequential(nn.Linear(3, 2)), "fa")
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+def test_unknown_rule_lists_known_names():
+    with pytest.raises(ValueError) as info:
+        bpfree.apply_rule(nn.Linear(2, 2), "nope")
+    message = str(info.value)
+    assert "nope" in message
+    for name in RULES:
+        assert name in message
+
+
+def test_nothing_to_convert():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="nothing to convert"):
+        bpfree.apply_rule(model, "fa")
+    assert type(model[1]) is nn.BatchNorm1d
+
+
+@pytest.mark.parametrize(
+    "rule, valid",
+    [("fa", ["init", "seed"]), ("kp", ["decay", "init", "seed"]), ("wm", ["mirror_lr", "noise_std"]), ("bp", ["(none)"])],
+)
+def test_unknown_option_lists_valid_options(rule, valid):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError) as info:
+        bpfree.apply_rule(model, rule, bogus_option=1)
+    message = str(info.value)
+    assert "bogus_option" in message
+    for name in valid:
+        assert name in message
+    assert type(model) is nn.Linear and not hasattr(model, "_bpfree_rule")
+
+
+def test_bad_option_values_rejected():
+    with pytest.raises(ValueError, match="init"):
+        bpfree.apply_rule(nn.Linear(3, 2), "fa", init="gaussian")
+    with pytest.raises(ValueError, match="mirror_lr"):
+        bpfree.apply_rule(nn.Linear(3, 2), "wm", mirror_lr=0)
+
+
+@pytest.mark.parametrize("second", ["fa", "bp"])
+def test_applying_twice_is_rejected_and_leaves_first_rule(second):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    handle = bpfree.apply_rule(model, "usf")
+    classes = [type(m) for m in model]
+    with pytest.raises(ValueError, match="already"):
+        bpfree.apply_rule(model, second)
+    assert [type(m) for m in model] == classes
+    assert all(m._bpfree_rule is handle.rule for m in handle.layers)
+    # also when only part of the model is already converted
+    outer = nn.Sequential(model, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already"):
+        bpfree.apply_rule(outer, second)
+    assert type(outer[1]) is nn.Linear
+
+
+def test_non_module_rejected():
+    with pytest.raises(TypeError):
+        bpfree.apply_rule(torch.zeros(3), "fa")
+
+
+# --------------------------------------------------------------------------------------
+# Reversibility and parameter identity
+# --------------------------------------------------------------------------------------
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 8), nn.Tanh(), nn.Linear(8, 3),
+    ).double()
+
+
+def grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()] + [x.grad]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_remove_restores_model_exactly(rule):
+    torch.manual_seed(2)
+    model = small_net()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    keys = list(model.state_dict().keys())
+    hooks = (dict(model._forward_hooks), dict(model._forward_pre_hooks))
+    param_ids = [id(p) for p in model.parameters()]
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    handle = bpfree.apply_rule(model, rule)
+    assert any(type(m) is not classes[n] for n, m in model.named_modules())
+    train_step(model, handle, x, y)  # creates every lazily built piece of rule state
+    if rule not in ("bp", "usf"):  # rules that keep feedback state add it to state_dict
+        assert list(model.state_dict().keys()) != keys
+    handle.remove()
+    handle.remove()  # idempotent
+
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert list(model.state_dict().keys()) == keys
+    assert (dict(model._forward_hooks), dict(model._forward_pre_hooks)) == hooks
+    assert [id(p) for p in model.parameters()] == param_ids
+    for m in model.modules():
+        assert not any(a.startswith("_bpfree") for a in vars(m)), m
+    twin = copy.deepcopy(model)  # a plain copy: what BP gives on the restored weights
+    reference = grads(twin, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(grads(model, x, y), reference))
+    # and the model accepts a new rule afterwards
+    bpfree.apply_rule(model, "fa").remove()
+
+
+def test_context_manager_form():
+    torch.manual_seed(3)
+    model = small_net()
+    classes = [type(m) for m in model]
+    with bpfree.apply_rule(model, "frsf") as handle:
+        assert isinstance(handle, bpfree.RuleHandle)
+        assert handle.counts == {"Conv2d": 1, "Linear": 2}
+        assert [type(m) for m in model] != classes
+        assert hasattr(model[0], "feedback_magnitude")
+    assert [type(m) for m in model] == classes
+    assert not hasattr(model[0], "feedback_magnitude")
+    with pytest.raises(RuntimeError):
+        with bpfree.apply_rule(model, "fa"):
+            raise RuntimeError("boom")
+    assert [type(m) for m in model] == classes  # restored on an exception too
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_optimizer_built_before_apply_updates_same_parameters(rule):
+    torch.manual_seed(4)
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracked = list(model.parameters())
+    snapshot = [p.detach().clone() for p in tracked]
+    handle = bpfree.apply_rule(model, rule)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        handle.after_step()
+    current = [p for n, p in original_weights(model)]
+    assert len(current) == len(tracked)
+    assert all(a is b for a, b in zip(current, tracked)), "a Parameter was replaced"
+    assert opt.param_groups[0]["params"][0] is model[0].weight
+    for layer in handle.layers:
+        assert layer.weight is next(p for p in tracked if p is layer.weight)
+    for p, before in zip(tracked, snapshot):
+        if p.dim() > 1:  # (the conv bias feeds BatchNorm, so its gradient is ~0)
+            assert not torch.equal(p.detach(), before)
+
+
+def test_suspended_gives_bp_and_resumes():
+    torch.manual_seed(5)
+    model = small_net()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    handle = bpfree.apply_rule(model, "fa")
+    with handle.suspended():
+        assert all(torch.equal(a, b) for a, b in zip(grads(model, x, y), grads(reference, x, y)))
+    assert not torch.allclose(grads(model, x, y)[0], grads(reference, x, y)[0])
+
+
+def test_handle_reports_counts_and_names():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3), nn.Linear(3, 1))
+    handle = bpfree.apply_rule(model, "bp")
+    assert handle.counts == {"Conv2d": 1, "Linear": 2}
+    assert [n for n, _ in handle.named_layers] == ["0", "2", "3"]
+    assert handle.layers == [model[0], model[2], model[3]]
+    assert handle.name == "bp"
+    assert "bp" in repr(handle)
+
+
+def test_kp_feedback_is_a_parameter_the_optimizer_sees():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    handle = bpfree.apply_rule(model, "kp")
+    fb = model[2].feedback_weight
+    assert isinstance(fb, nn.Parameter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert any(p is fb for p in opt.param_groups[0]["params"])
+    before = fb.detach().clone()
+    opt.zero_grad()
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(fb.detach(), before)
+    handle.remove()
+    assert "feedback_weight" not in dict(model[2].named_parameters())
