@@ -53,7 +53,9 @@ class DirectFeedbackAlignment(Rule):
     """DFA: every hidden layer is driven by a fixed random projection of the output error.
 
     Each point l has its own matrix B_l (never slices of a shared one), drawn on first use
-    from U(-1/sqrt(d_out), 1/sqrt(d_out)) and stored on the consuming layer as buffer
+    Xavier-uniform over its (d_in, d_out) shape, bound sqrt(6 / (d_in + d_out)), like
+    biotorch; a scale independent of d_in (e.g. U(+-1/sqrt(d_out))) makes the summed
+    updates of wide conv layers explode. Stored on the consuming layer as buffer
     `dfa_feedback`, so it lands in state_dict and checkpoints.
     """
 
@@ -115,7 +117,7 @@ class DirectFeedbackAlignment(Rule):
                 f"rule 'dfa': the input of {type(layer).__name__} changed shape "
                 f"(feedback is {tuple(existing.shape)}, need {(in_dim, out_dim)})"
             )
-        bound = 1.0 / out_dim**0.5
+        bound = (6.0 / (in_dim + out_dim)) ** 0.5
         matrix = torch.empty(in_dim, out_dim, device=output.device, dtype=torch.float32)
         matrix.uniform_(-bound, bound, generator=self.generator(output.device))
         layer.register_buffer("dfa_feedback", matrix)

@@ -1,0 +1,332 @@
+"""The claims registry and the verdict logic.
+
+Why its own module with no training imports: a verdict must depend only on the claim and
+on committed summaries, so CI can judge every claim in milliseconds without torch work,
+and the same code produces the tables and the claim tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
+PROVENANCE_KINDS = ("table", "repo-output", "figure", "qualitative")
+KINDS = ("absolute", "relative")
+PROFILES = ("smoke", "cpu", "gpu")
+PASS, FAIL, DIVERGED, NOT_RUN = "PASS", "FAIL", "DIVERGED", "NOT RUN"
+VERDICTS = (PASS, FAIL, DIVERGED, NOT_RUN)
+# metric name -> (summary stats key, per-seed transform of the selected test accuracy)
+METRICS = {
+    "test_error_pct": ("test_error_stats", lambda acc: 100.0 - acc),
+    "test_acc_pct": ("selected_test_acc_stats", lambda acc: acc),
+}
+_REQUIRED = ("id", "paper", "provenance", "experiment", "dataset", "architecture", "metric",
+             "kind", "profile", "shortened", "values", "tolerance_reason")
+
+
+class ClaimsError(ValueError):
+    """claims.yaml is malformed; the message names the claim and the field."""
+
+
+@dataclass
+class Claim:
+    id: str
+    paper: str
+    provenance: dict
+    experiment: str
+    dataset: str
+    architecture: str
+    metric: str
+    kind: str
+    profile: str
+    shortened: bool
+    values: dict[str, float]
+    tolerance_reason: str
+    tolerance: dict[str, float] = field(default_factory=dict)
+    reference_rule: str | None = None
+    checks: list[dict] = field(default_factory=list)
+
+    @property
+    def rules(self) -> list[str]:
+        if self.kind == "relative":
+            return [self.reference_rule] + [c["rule"] for c in self.checks]
+        return list(self.values)
+
+    def tolerance_for(self, rule: str) -> float:
+        return float(self.tolerance.get(rule, self.tolerance["default"]))
+
+
+@dataclass
+class Row:
+    """One line of a claims table: a rule (absolute) or a rule-vs-reference check (relative)."""
+
+    claim: str
+    rule: str
+    paper: str
+    reproduced: str
+    seeds: str
+    tolerance: str
+    verdict: str
+    profile: str
+    data_variant: str
+    notes: str
+    mean: float | None = None
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    verdict: str
+    rows: list[Row]
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------- loading
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ClaimsError(f"{where}: {msg}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
+    """Papers and claims, validated: a malformed claim must not silently never be checked."""
+    raw = yaml.safe_load(Path(path).read_text())
+    _check(isinstance(raw, dict) and "claims" in raw and "papers" in raw, str(path),
+           "needs top-level 'papers' and 'claims'")
+    papers = raw["papers"]
+    claims, seen = [], set()
+    for i, c in enumerate(raw["claims"]):
+        where = f"claims[{i}] ({c.get('id', '?') if isinstance(c, dict) else '?'})"
+        _check(isinstance(c, dict), where, "must be a mapping")
+        for key in _REQUIRED:
+            _check(key in c, where, f"missing field {key!r}")
+        _check(c["id"] not in seen, where, "duplicate id")
+        seen.add(c["id"])
+        _check(c["paper"] in papers, where, f"paper {c['paper']!r} not in papers {sorted(papers)}")
+        prov = c["provenance"]
+        _check(isinstance(prov, dict) and prov.get("kind") in PROVENANCE_KINDS and prov.get("source"),
+               where, f"provenance needs kind in {PROVENANCE_KINDS} and a source")
+        _check(c["metric"] in METRICS, where, f"metric {c['metric']!r} not in {sorted(METRICS)}")
+        _check(c["kind"] in KINDS, where, f"kind {c['kind']!r} not in {KINDS}")
+        _check(c["profile"] in PROFILES, where, f"profile {c['profile']!r} not in {PROFILES}")
+        _check(isinstance(c["shortened"], bool), where, "shortened must be true/false")
+        _check(isinstance(c["values"], dict) and c["values"]
+               and all(_number(v) for v in c["values"].values()), where, "values: rule -> number")
+        _check(isinstance(c["tolerance_reason"], str) and c["tolerance_reason"].strip(), where,
+               "every tolerance needs a reason")
+        claim = Claim(**{k: c[k] for k in _REQUIRED},
+                      tolerance=c.get("tolerance") or {}, reference_rule=c.get("reference_rule"),
+                      checks=c.get("checks") or [])
+        if claim.kind == "absolute":
+            tol = claim.tolerance
+            _check(isinstance(tol, dict) and _number(tol.get("default")) and tol["default"] >= 0
+                   and all(_number(v) and v >= 0 for v in tol.values()), where,
+                   "absolute claims need tolerance {default: number >= 0, <rule>: ...}")
+        else:
+            _check(claim.reference_rule in claim.values, where,
+                   "relative claims need reference_rule with a paper value")
+            _check(bool(claim.checks), where, "relative claims need checks")
+            for j, chk in enumerate(claim.checks):
+                w = f"{where}.checks[{j}]"
+                _check(isinstance(chk, dict) and chk.get("rule") in claim.values, w,
+                       "check needs a rule that has a paper value")
+                bounds = [k for k in ("within", "at_least") if k in chk]
+                _check(len(bounds) == 1 and _number(chk[bounds[0]]) and chk[bounds[0]] >= 0, w,
+                       "exactly one of within / at_least, a number >= 0")
+        claims.append(claim)
+    return papers, claims
+
+
+def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
+    return load_registry(path)[1]
+
+
+def load_summaries(results_dir: str | Path = "results") -> dict[str, dict]:
+    """Every profile's summary present under results/ (committed cpu/gpu ones included)."""
+    out = {}
+    for path in sorted(Path(results_dir).glob("*/summary.json")):
+        with open(path) as fh:
+            out[path.parent.name] = json.load(fh)
+    return out
+
+
+# ----------------------------------------------------------------------------- verdicts
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.2f}"
+
+
+@dataclass
+class _RuleData:
+    status: str  # OK | DIVERGED | NOT RUN
+    reason: str = ""
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+    per_seed: dict = field(default_factory=dict)
+    best_test: float | None = None
+
+
+def _rule_data(claim: Claim, rule: str, summaries: dict) -> _RuleData:
+    summary = summaries.get(claim.profile)
+    if summary is None:
+        return _RuleData(NOT_RUN, f"no results/{claim.profile}/summary.json: profile "
+                                  f"'{claim.profile}' has not been run and committed")
+    exp = summary.get("experiments", {}).get(claim.experiment)
+    if exp is None:
+        return _RuleData(NOT_RUN, f"experiment {claim.experiment} absent from the {claim.profile} summary")
+    entry = exp.get("rules", {}).get(rule)
+    if entry is None:
+        return _RuleData(NOT_RUN, f"rule {rule} not run in {claim.experiment} ({claim.profile})")
+    statuses = entry.get("status", {})
+    if any(s == "DIVERGED" for s in statuses.values()):
+        bad = sorted(s for s, st in statuses.items() if st == "DIVERGED")
+        return _RuleData(DIVERGED, f"seed(s) {', '.join(bad)} diverged")
+    missing = sorted(f"{s}:{st}" for s, st in statuses.items() if st != "OK")
+    if missing or not statuses:
+        return _RuleData(NOT_RUN, f"runs incomplete ({', '.join(missing) or 'no seeds'})")
+    stats_key, transform = METRICS[claim.metric]
+    stats = entry[stats_key]
+    per_seed = {s: transform(v) for s, v in entry["selected_test_acc"].items() if v is not None}
+    best = entry.get("best_test_acc_test_selected_stats", {}).get("mean")
+    return _RuleData("OK", mean=stats["mean"], std=stats["std"], n=stats["n"], per_seed=per_seed,
+                     best_test=None if best is None else transform(best))
+
+
+def _notes(claim: Claim, summaries: dict, extra: list[str]) -> str:
+    notes = [f"{claim.provenance['kind']}"]
+    exp = summaries.get(claim.profile, {}).get("experiments", {}).get(claim.experiment)
+    if exp is not None:
+        if exp.get("shortened"):
+            notes.append("SHORTENED protocol: " + "; ".join(exp.get("deviations", [])))
+        if bool(exp.get("shortened")) != claim.shortened:
+            notes.append(f"WARNING: claims.yaml says shortened={claim.shortened}, the run's "
+                         f"config says {bool(exp.get('shortened'))}")
+        notes.append(f"selection: {exp.get('selection')}")
+    elif claim.shortened:
+        notes.append(f"protocol shortened in profile {claim.profile}")
+    return "; ".join(notes + extra)
+
+
+def _variant(claim: Claim, summaries: dict) -> str:
+    exp = summaries.get(claim.profile, {}).get("experiments", {}).get(claim.experiment) or {}
+    v = exp.get("data_variant")
+    return ", ".join(v) if isinstance(v, list) else (v or "—")
+
+
+def _reproduced(d: _RuleData) -> str:
+    if d.status == NOT_RUN:
+        return "—"
+    if d.mean is None:
+        return "—"
+    return f"{d.mean:.2f} ± {d.std:.2f}"
+
+
+def _seeds(d: _RuleData) -> str:
+    if not d.per_seed:
+        return "—"
+    return f"{d.n} (" + ", ".join(f"{s}: {v:.2f}" for s, v in sorted(d.per_seed.items())) + ")"
+
+
+def _combine(verdicts: list[str]) -> str:
+    for v in (DIVERGED, NOT_RUN, FAIL):
+        if v in verdicts:
+            return v
+    return PASS
+
+
+def _absolute(claim: Claim, summaries: dict) -> list[Row]:
+    rows = []
+    for rule, paper in claim.values.items():
+        d = _rule_data(claim, rule, summaries)
+        tol = claim.tolerance_for(rule)
+        extra = [d.reason] if d.reason else []
+        if d.status == "OK":
+            verdict = PASS if abs(d.mean - paper) <= tol else FAIL
+            extra.append(f"diff {_signed(d.mean - paper)}")
+            if d.best_test is not None:
+                extra.append(f"best-test-epoch value (test-selected, biotorch-style): {d.best_test:.2f}")
+        else:
+            verdict = d.status
+        rows.append(Row(claim.id, rule, _fmt(paper), _reproduced(d), _seeds(d), f"± {tol:g}",
+                        verdict, claim.profile, _variant(claim, summaries),
+                        _notes(claim, summaries, extra), d.mean))
+    return rows
+
+
+def _relative(claim: Claim, summaries: dict) -> list[Row]:
+    ref = claim.reference_rule
+    ref_d = _rule_data(claim, ref, summaries)
+    rows = []
+    for chk in claim.checks:
+        rule = chk["rule"]
+        d = _rule_data(claim, rule, summaries)
+        paper_gap = claim.values[rule] - claim.values[ref]
+        if "within" in chk:
+            tol_text = f"|{rule} − {ref}| ≤ {chk['within']:g}"
+        else:
+            tol_text = f"{rule} − {ref} ≥ {chk['at_least']:g}"
+        extra = [r for r in (ref_d.reason and f"{ref}: {ref_d.reason}", d.reason) if r]
+        if DIVERGED in (d.status, ref_d.status):
+            verdict = DIVERGED
+        elif NOT_RUN in (d.status, ref_d.status):
+            verdict = NOT_RUN
+        else:
+            gap = d.mean - ref_d.mean
+            ok = abs(gap) <= chk["within"] if "within" in chk else gap >= chk["at_least"]
+            verdict = PASS if ok else FAIL
+            extra.append(f"reproduced gap {_signed(gap)} (paper {_signed(paper_gap)}); "
+                         f"{ref} {ref_d.mean:.2f}")
+        rows.append(Row(claim.id, f"{rule} vs {ref}",
+                        f"{claim.values[rule]:.2f} (gap {_signed(paper_gap)})", _reproduced(d),
+                        _seeds(d), tol_text, verdict, claim.profile, _variant(claim, summaries),
+                        _notes(claim, summaries, extra), d.mean))
+    return rows
+
+
+def evaluate_claim(claim: Claim, summaries: dict[str, dict]) -> ClaimResult:
+    """Judge one claim against the summaries of every profile present."""
+    rows = _absolute(claim, summaries) if claim.kind == "absolute" else _relative(claim, summaries)
+    verdict = _combine([r.verdict for r in rows])
+    reason = ""
+    if verdict == NOT_RUN:
+        reasons = []
+        for rule in claim.rules:
+            r = _rule_data(claim, rule, summaries).reason
+            if r and r not in reasons:
+                reasons.append(r)
+        reason = "; ".join(reasons)
+    elif verdict != PASS:
+        reason = "; ".join(f"{r.rule}: {r.verdict}" for r in rows if r.verdict != PASS)
+    return ClaimResult(claim, verdict, rows, reason)
+
+
+def evaluate_all(claims: list[Claim], summaries: dict[str, dict]) -> list[ClaimResult]:
+    return [evaluate_claim(c, summaries) for c in claims]
+
+
+def claims_for_params(claims: list[Claim], params: dict[str, Any]) -> list[str]:
+    """Problems linking claims to params.yaml (unknown experiment / rule / profile)."""
+    problems = []
+    for c in claims:
+        exp = params["experiments"].get(c.experiment)
+        if exp is None:
+            problems.append(f"{c.id}: experiment {c.experiment} not in params.yaml")
+            continue
+        for rule in c.rules:
+            if rule not in exp["rules"]:
+                problems.append(f"{c.id}: rule {rule} not run by {c.experiment}")
+        if c.profile not in params["profiles"]:
+            problems.append(f"{c.id}: profile {c.profile} not in params.yaml")
+    return problems

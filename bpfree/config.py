@@ -1,0 +1,452 @@
+"""Parameters of the pipeline: load params.yaml, validate all of it, resolve one run's config.
+
+Why validate everything up front: a typo in a rule name or a zero learning rate found in
+hour three of a CPU profile wastes the two hours before it. Every check here runs before
+any data is touched, and every error names the field path, the bad value and the choices.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("multistep", "none")
+SELECTIONS = ("best_val", "final")
+DEVICES = ("cpu", "cuda", "auto")
+
+# Keys a profile may override per experiment. Anything else is a typo.
+PROFILE_KEYS = (
+    "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
+    "threads", "device", "batch_size", "diagnostics_every",
+)
+EXPERIMENT_KEYS = {
+    # key: required?
+    "dataset": True, "model": True, "rules": True, "optimizer": True, "schedule": True,
+    "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
+    "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
+    "tuning": False,
+}
+TOP_KEYS = {"profile": True, "datasets": True, "experiments": True, "profiles": True}
+
+
+class ConfigError(ValueError):
+    """A bad parameter; the message is one line: field path, bad value, valid choices."""
+
+    def __init__(self, path: str, value: Any, problem: str, choices=None):
+        self.path, self.value, self.choices = path, value, choices
+        msg = f"{path}: {problem} (got {value!r})"
+        if choices is not None:
+            msg += f"; valid: {', '.join(map(str, choices))}"
+        super().__init__(msg)
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------- primitives
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mapping(v, path) -> dict:
+    if not isinstance(v, dict):
+        raise ConfigError(path, v, "must be a mapping")
+    return v
+
+
+def _keys(d: dict, spec: dict[str, bool], path: str) -> None:
+    for key in d:
+        if key not in spec:
+            raise ConfigError(f"{path}.{key}", d[key], "unknown key", sorted(spec))
+    for key, required in spec.items():
+        if required and key not in d:
+            raise ConfigError(f"{path}.{key}", None, "missing required key")
+
+
+def _int(v, path, minimum=None) -> int:
+    if not _is_int(v):
+        raise ConfigError(path, v, "must be an integer")
+    if minimum is not None and v < minimum:
+        raise ConfigError(path, v, f"must be >= {minimum}")
+    return v
+
+
+def _positive(v, path) -> float:
+    if not _is_num(v):
+        raise ConfigError(path, v, "must be a number")
+    if not v > 0:
+        raise ConfigError(path, v, "must be > 0")
+    return float(v)
+
+
+def _choice(v, path, choices) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(path, v, "unknown name", list(choices))
+    return v
+
+
+def _bool(v, path) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(path, v, "must be true or false")
+    return v
+
+
+def _seeds(v, path) -> list[int]:
+    if not isinstance(v, list) or not v:
+        raise ConfigError(path, v, "must be a non-empty list of integers")
+    for i, s in enumerate(v):
+        _int(s, f"{path}[{i}]", 0)
+    if len(set(v)) != len(v):
+        raise ConfigError(path, v, "seeds must be unique")
+    return v
+
+
+def _milestones(v, path) -> list[int]:
+    if not isinstance(v, list):
+        raise ConfigError(path, v, "must be a list of epochs")
+    for i, m in enumerate(v):
+        _int(m, f"{path}[{i}]", 1)
+    if any(b <= a for a, b in zip(v, v[1:])):
+        raise ConfigError(path, v, "milestones must be strictly increasing")
+    return v
+
+
+# ----------------------------------------------------------------------------- registries
+def known_rules() -> list[str]:
+    from bpfree.rules import list_rules
+    return list_rules()
+
+
+def known_models() -> list[str]:
+    from bpfree.models import list_models
+    return list_models()
+
+
+def known_datasets() -> list[str]:
+    from bpfree.data import list_datasets
+    return list_datasets()
+
+
+def _rule_options(rule: str, options: dict, path: str) -> None:
+    """Let the rule itself judge its options now, instead of at apply time mid-pipeline."""
+    from bpfree.rules import get_rule_class
+    cls = get_rule_class(rule)
+    for key in options:
+        if key not in cls.defaults:
+            raise ConfigError(f"{path}.{key}", options[key], f"unknown option of rule {rule!r}",
+                              sorted(cls.defaults) or ["(none)"])
+    try:
+        cls(**options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, options, f"rejected by rule {rule!r}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- sections
+def _validate_model(m, path, models) -> None:
+    _mapping(m, path)
+    _keys(m, {"name": True, "options": False}, path)
+    name = _choice(m["name"], f"{path}.name", models)
+    options = _mapping(m.get("options", {}) or {}, f"{path}.options")
+    from bpfree.models import INIT_SCHEMES, model_options
+    valid = model_options(name)
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"{path}.options.{key}", options[key],
+                              f"unknown option of model {name!r}", sorted(valid))
+    init = options.get("init", "default")
+    _choice(init, f"{path}.options.init", INIT_SCHEMES)
+
+
+def _validate_rules(rules, path, rule_names) -> None:
+    _mapping(rules, path)
+    if not rules:
+        raise ConfigError(path, rules, "needs at least one rule", rule_names)
+    for name, spec in rules.items():
+        _choice(name, f"{path}.{name}", rule_names)
+        spec = {} if spec is None else spec
+        _mapping(spec, f"{path}.{name}")
+        _keys(spec, {"lr": False, "options": False}, f"{path}.{name}")
+        if "lr" in spec and spec["lr"] != TUNED:
+            _positive(spec["lr"], f"{path}.{name}.lr")
+        options = spec.get("options") or {}
+        _mapping(options, f"{path}.{name}.options")
+        _rule_options(name, options, f"{path}.{name}.options")
+
+
+def _validate_optimizer(o, path) -> None:
+    _mapping(o, path)
+    _keys(o, {"name": True, "lr": True, "momentum": False, "weight_decay": False,
+              "nesterov": False, "betas": False}, path)
+    name = _choice(o["name"], f"{path}.name", OPTIMIZERS)
+    _positive(o["lr"], f"{path}.lr")
+    momentum = o.get("momentum", 0.0)
+    if not _is_num(momentum) or not 0 <= momentum < 1:
+        raise ConfigError(f"{path}.momentum", momentum, "must be a number in [0, 1)")
+    if name == "adam" and momentum:
+        raise ConfigError(f"{path}.momentum", momentum, "adam takes betas, not momentum")
+    wd = o.get("weight_decay", 0.0)
+    if not _is_num(wd) or wd < 0:
+        raise ConfigError(f"{path}.weight_decay", wd, "must be a number >= 0")
+    nesterov = _bool(o.get("nesterov", False), f"{path}.nesterov")
+    if nesterov and (name != "sgd" or not momentum):
+        raise ConfigError(f"{path}.nesterov", nesterov, "needs sgd with momentum > 0")
+    if "betas" in o:
+        b = o["betas"]
+        if name != "adam" or not (isinstance(b, list) and len(b) == 2
+                                  and all(_is_num(x) and 0 <= x < 1 for x in b)):
+            raise ConfigError(f"{path}.betas", b, "adam only; two numbers in [0, 1)")
+
+
+def _validate_schedule(s, path) -> None:
+    _mapping(s, path)
+    _keys(s, {"name": True, "milestones": False, "gamma": False}, path)
+    name = _choice(s["name"], f"{path}.name", SCHEDULES)
+    if name == "multistep":
+        if "milestones" not in s:
+            raise ConfigError(f"{path}.milestones", None, "missing required key")
+        _milestones(s["milestones"], f"{path}.milestones")
+        gamma = s.get("gamma", 0.1)
+        if not _is_num(gamma) or not 0 < gamma <= 1:
+            raise ConfigError(f"{path}.gamma", gamma, "must be a number in (0, 1]")
+
+
+def _validate_experiment(exp, path, ctx) -> None:
+    _mapping(exp, path)
+    _keys(exp, EXPERIMENT_KEYS, path)
+    _choice(exp["dataset"], f"{path}.dataset", ctx["datasets"])
+    _validate_model(exp["model"], f"{path}.model", ctx["models"])
+    _validate_rules(exp["rules"], f"{path}.rules", ctx["rules"])
+    _validate_optimizer(exp["optimizer"], f"{path}.optimizer")
+    _validate_schedule(exp["schedule"], f"{path}.schedule")
+    _int(exp["batch_size"], f"{path}.batch_size", 1)
+    _int(exp["epochs"], f"{path}.epochs", 1)
+    _seeds(exp["seeds"], f"{path}.seeds")
+    _int(exp["val_size"], f"{path}.val_size", 0)
+    _choice(exp["selection"], f"{path}.selection", SELECTIONS)
+    _int(exp.get("data_seed", 0), f"{path}.data_seed", 0)
+    pre = exp.get("preprocess", {}) or {}
+    _mapping(pre, f"{path}.preprocess")
+    _keys(pre, {"normalize": False, "resize": False}, f"{path}.preprocess")
+    _bool(pre.get("normalize", True), f"{path}.preprocess.normalize")
+    if pre.get("resize") is not None:
+        _int(pre["resize"], f"{path}.preprocess.resize", 1)
+    diag = exp.get("diagnostics", {}) or {}
+    _mapping(diag, f"{path}.diagnostics")
+    _keys(diag, {"every": False, "batch": False}, f"{path}.diagnostics")
+    _int(diag.get("every", 0), f"{path}.diagnostics.every", 0)
+    _int(diag.get("batch", 256), f"{path}.diagnostics.batch", 1)
+    if exp.get("tuning") is not None:
+        _validate_tuning(exp["tuning"], f"{path}.tuning")
+    if "notes" in exp and not isinstance(exp["notes"], str):
+        raise ConfigError(f"{path}.notes", exp["notes"], "must be a string")
+
+
+def _validate_tuning(t, path) -> None:
+    """The lr grid searched on the validation split by `python -m stages.tune`."""
+    _mapping(t, path)
+    _keys(t, {"lrs": True, "epochs": True, "seed": False}, path)
+    if not isinstance(t["lrs"], list) or not t["lrs"]:
+        raise ConfigError(f"{path}.lrs", t["lrs"], "must be a non-empty list of learning rates")
+    for i, lr in enumerate(t["lrs"]):
+        _positive(lr, f"{path}.lrs[{i}]")
+    _int(t["epochs"], f"{path}.epochs", 1)
+    _int(t.get("seed", 0), f"{path}.seed", 0)
+
+
+def _validate_override(o, path) -> None:
+    o = {} if o is None else o
+    _mapping(o, path)
+    for key in o:
+        if key not in PROFILE_KEYS:
+            raise ConfigError(f"{path}.{key}", o[key], "unknown profile key", PROFILE_KEYS)
+    if "epochs" in o:
+        _int(o["epochs"], f"{path}.epochs", 1)
+    if "milestones" in o:
+        _milestones(o["milestones"], f"{path}.milestones")
+    if "seeds" in o:
+        _seeds(o["seeds"], f"{path}.seeds")
+    for key in ("train_subset", "test_subset", "batch_size", "threads"):
+        if o.get(key) is not None:
+            _int(o[key], f"{path}.{key}", 1)
+    if "val_size" in o:
+        _int(o["val_size"], f"{path}.val_size", 0)
+    if "diagnostics_every" in o:
+        _int(o["diagnostics_every"], f"{path}.diagnostics_every", 0)
+    if "device" in o:
+        _choice(o["device"], f"{path}.device", DEVICES)
+
+
+def validate_params(params: Any) -> dict:
+    """Check the whole params tree, and every (experiment, profile) combination resolved."""
+    _mapping(params, "params")
+    _keys(params, TOP_KEYS, "params")
+    ctx = {"rules": known_rules(), "models": known_models()}
+    all_datasets = known_datasets()
+    datasets = params["datasets"]
+    if not isinstance(datasets, list) or not datasets:
+        raise ConfigError("datasets", datasets, "must be a non-empty list", all_datasets)
+    for i, d in enumerate(datasets):
+        _choice(d, f"datasets[{i}]", all_datasets)
+    ctx["datasets"] = datasets  # an experiment may only use a dataset the prepare stage makes
+
+    experiments = _mapping(params["experiments"], "experiments")
+    if not experiments:
+        raise ConfigError("experiments", experiments, "needs at least one experiment")
+    for exp_id, exp in experiments.items():
+        if not isinstance(exp_id, str) or not exp_id.replace("_", "").isalnum():
+            raise ConfigError(f"experiments.{exp_id}", exp_id, "id must be letters, digits and _")
+        _validate_experiment(exp, f"experiments.{exp_id}", ctx)
+
+    profiles = _mapping(params["profiles"], "profiles")
+    if not profiles:
+        raise ConfigError("profiles", profiles, "needs at least one profile")
+    profile = params["profile"]
+    _choice(profile, "profile", list(profiles))
+    for pname, pdef in profiles.items():
+        _mapping(pdef, f"profiles.{pname}")
+        for exp_id in experiments:
+            if exp_id not in pdef:
+                raise ConfigError(f"profiles.{pname}.{exp_id}", None,
+                                  "every profile must say how to run every experiment "
+                                  "({} = the full protocol)")
+        for exp_id, override in pdef.items():
+            _choice(exp_id, f"profiles.{pname}.{exp_id}", list(experiments))
+            _validate_override(override, f"profiles.{pname}.{exp_id}")
+            _check_resolved(resolve_experiment(params, exp_id, pname), f"profiles.{pname}.{exp_id}")
+    return params
+
+
+def _check_resolved(exp: dict, path: str) -> None:
+    """Cross-field checks that only make sense once a profile's overrides are applied."""
+    epochs = exp["epochs"]
+    for m in exp["schedule"].get("milestones", []) if exp["schedule"]["name"] == "multistep" else []:
+        if m > epochs:
+            raise ConfigError(f"{path}.milestones", exp["schedule"]["milestones"],
+                              f"milestone beyond the {epochs} epochs of this profile")
+    if exp["selection"] == "best_val" and exp["val_size"] <= 0:
+        raise ConfigError(f"{path}.val_size", exp["val_size"],
+                          "selection best_val needs a validation split (val_size > 0)")
+    sub = exp.get("train_subset")
+    if sub is not None and exp["val_size"] >= sub:
+        raise ConfigError(f"{path}.val_size", exp["val_size"],
+                          f"must be smaller than train_subset ({sub})")
+
+
+# ----------------------------------------------------------------------------- resolution
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    """Read and validate params.yaml; the only entry point stages use."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(p), None, "params file not found") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), None, f"not valid YAML: {' '.join(str(exc).split())}") from None
+    return validate_params(params)
+
+
+def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) -> dict:
+    """The experiment as this profile runs it: base protocol with the profile's overrides."""
+    profile = params["profile"] if profile is None else profile
+    if exp_id not in params["experiments"]:
+        raise ConfigError("experiment", exp_id, "unknown experiment", list(params["experiments"]))
+    exp = copy.deepcopy(params["experiments"][exp_id])
+    override = copy.deepcopy(params["profiles"][profile].get(exp_id) or {})
+    deviations = []
+    for key in ("epochs", "seeds", "val_size", "batch_size"):
+        if key in override and override[key] != exp[key]:
+            deviations.append(f"{key} {override[key]} (protocol {exp[key]})")
+            exp[key] = override[key]
+    if "milestones" in override:
+        if exp["schedule"]["name"] != "multistep":
+            raise ConfigError(f"profiles.{profile}.{exp_id}.milestones", override["milestones"],
+                              "the experiment's schedule has no milestones")
+        if override["milestones"] != exp["schedule"]["milestones"]:
+            deviations.append(f"milestones {override['milestones']} (protocol {exp['schedule']['milestones']})")
+        exp["schedule"]["milestones"] = override["milestones"]
+    exp["train_subset"] = override.get("train_subset")
+    exp["test_subset"] = override.get("test_subset")
+    if exp["train_subset"] is not None:
+        deviations.append(f"train subset {exp['train_subset']} images")
+    if exp["test_subset"] is not None:
+        deviations.append(f"test subset {exp['test_subset']} images")
+    exp["threads"] = override.get("threads")
+    exp["device"] = override.get("device", "auto")
+    exp.setdefault("preprocess", {})
+    exp["preprocess"] = {"normalize": True, "resize": None, **(exp["preprocess"] or {})}
+    diag = {"every": 0, "batch": 256, **(exp.get("diagnostics") or {})}
+    if "diagnostics_every" in override:
+        diag["every"] = override["diagnostics_every"]
+    exp["diagnostics"] = diag
+    exp["data_seed"] = exp.get("data_seed", 0)
+    exp["model"].setdefault("options", {})
+    exp["model"]["options"] = exp["model"]["options"] or {}
+    exp["optimizer"] = {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False, **exp["optimizer"]}
+    if exp["schedule"]["name"] == "multistep":
+        exp["schedule"].setdefault("gamma", 0.1)
+    exp["id"] = exp_id
+    exp["profile"] = profile
+    exp["deviations"] = deviations
+    exp["shortened"] = bool(deviations)
+    return exp
+
+
+TUNED = "tuned"
+TUNING_DIR = Path("results/tuning")
+
+
+def tuned_lr(exp_id: str, rule: str, tuning_dir: Path = TUNING_DIR) -> float:
+    """The lr that `python -m stages.tune` chose on the validation split (lr: tuned)."""
+    path = tuning_dir / exp_id / f"{rule}.json"
+    field = f"experiments.{exp_id}.rules.{rule}.lr"
+    try:
+        chosen = json.loads(path.read_text())["chosen_lr"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(field, TUNED, f"no tuning result at {path}; run "
+                          f"`python -m stages.tune {exp_id} --rules {rule}` first") from None
+    if chosen is None:
+        raise ConfigError(field, TUNED, f"every lr in {path} diverged; widen the grid")
+    return float(chosen)
+
+
+def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[dict]:
+    """Every (rule, seed) run of an experiment, fully resolved, in a stable order."""
+    exp = resolve_experiment(params, exp_id, profile)
+    runs = []
+    for rule, spec in exp["rules"].items():
+        spec = spec or {}
+        for seed in exp["seeds"]:
+            run = {k: copy.deepcopy(v) for k, v in exp.items() if k not in ("rules", "seeds", "tuning")}
+            run["rule"] = {"name": rule, "options": dict(spec.get("options") or {})}
+            lr = spec.get("lr", exp["optimizer"]["lr"])
+            run["optimizer"]["lr"] = tuned_lr(exp_id, rule) if lr == TUNED else float(lr)
+            run["lr_source"] = f"results/tuning/{exp_id}/{rule}.json" if lr == TUNED else "params.yaml"
+            run["seed"] = seed
+            run["run_id"] = f"{rule}_seed{seed}"
+            runs.append(run)
+    return runs
+
+
+# Fields that do not change what a run computes, so they must not change its hash.
+_HASH_EXCLUDED = ("notes", "deviations", "shortened")
+
+
+def config_hash(run: dict, data_hash: str | None = None) -> str:
+    """Identity of a run's computation: same hash => its metrics.json can be reused."""
+    payload = {k: v for k, v in run.items() if k not in _HASH_EXCLUDED}
+    payload["data_hash"] = data_hash
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,115 @@
+"""Where a result came from, and writing it so that a crash never leaves half a file.
+
+Why atomic writes: the train stage is resumable and trusts any metrics.json it finds; a
+file truncated by an interrupted run would be trusted too. Writing to a temporary file in
+the same directory and os.replace-ing it means a reader sees the old file or the new one.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    def write(tmp: Path):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return _atomic(path, write)
+
+
+def atomic_write_json(path, obj: Any) -> Path:
+    # Serialise first: an unserialisable object must fail before anything touches the disk.
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_torch_save(path, obj: Any) -> Path:
+    import torch
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_json(path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _git(*args: str, cwd=None) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+CODE_PATHS = ("bpfree", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock")
+
+
+@functools.lru_cache(maxsize=None)
+def git_info(cwd: str | None = None) -> dict:
+    """Commit and dirty flag; 'unknown' outside a repository or before the first commit."""
+    commit = _git("rev-parse", "HEAD", cwd=cwd)
+    if commit is None and os.environ.get("BPFREE_GIT_COMMIT"):
+        # A copy of the tree without .git (e.g. shipped to a GPU machine): the sender names
+        # the commit it shipped; the run's code_hash vouches for the content.
+        return {"commit": os.environ["BPFREE_GIT_COMMIT"], "dirty": None, "source": "BPFREE_GIT_COMMIT"}
+    # Untracked code counts: new, uncommitted code is exactly what a commit hash cannot vouch
+    # for. Results written while a profile runs are not code and do not make the tree dirty.
+    status = _git("status", "--porcelain", "--", *CODE_PATHS, cwd=cwd)
+    return {
+        "commit": commit or "unknown",
+        "dirty": None if commit is None or status is None else bool(status),
+    }
+
+
+def environment_info(device=None) -> dict:
+    import torch
+    import torchvision
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
+    if device is not None:
+        info["device"] = str(device)
+        if getattr(device, "type", str(device)) == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(device)
+        else:
+            info["device_name"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,42 @@
+"""Pipeline stages, each run as `python -m stages.<name>` from the repository root by DVC.
+
+Why a shared entry wrapper: a bad parameter or missing data is a user error, not a bug, so
+it must end the stage with one readable line and a non-zero status, not a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path("results")
+CHECKPOINTS = Path("checkpoints")
+PREPARED = Path("data/prepared")
+
+
+def runs_dir(profile: str, experiment: str) -> Path:
+    return RESULTS / profile / "runs" / experiment
+
+
+def checkpoints_dir(profile: str, experiment: str) -> Path:
+    return CHECKPOINTS / profile / experiment
+
+
+def summary_path(profile: str) -> Path:
+    return RESULTS / profile / "summary.json"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def entry(main: Callable[[list[str]], int | None]) -> None:
+    """Run a stage's main; user errors exit 2 with their one-line message."""
+    from bpfree.config import ConfigError
+    from bpfree.data import DataError
+    try:
+        code = main(sys.argv[1:])
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,145 @@
+"""Stage: aggregate the current profile's runs into results/<profile>/summary.json.
+
+Why a separate aggregation: the tables and claim tests read only summaries, so they do not
+depend on how runs are laid out; and re-evaluating each checkpoint here catches a
+checkpoint that does not hold the model the metrics describe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from stages import PREPARED, checkpoints_dir, entry, log, runs_dir, summary_path
+
+RECHECK_TOLERANCE = 1e-6  # percent points; same kernels and batch size => identical counts
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _read(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
+    """Re-evaluate the final test accuracy from the checkpoint on the run's own test subset."""
+    from bpfree.data import load_prepared
+    from bpfree.training import (accuracy, device_images, load_checkpoint_model, select_device,
+                                 set_determinism)
+
+    ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
+    if metrics["status"] != "OK":
+        return {"checked": False, "reason": f"run {metrics['status']}"}
+    if not ckpt.is_file():
+        return {"checked": False, "reason": f"no checkpoint at {ckpt} (not pulled from the DVC cache?)"}
+    device = select_device(run["device"]) if run["device"] != "cuda" or torch.cuda.is_available() \
+        else torch.device("cpu")
+    set_determinism(run.get("threads"))
+    key = (run["dataset"], str(device))
+    if key not in data_cache:
+        data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
+    data = data_cache[key]
+    images = device_images(data, run, device)
+    model = load_checkpoint_model(ckpt, run, images.num_classes, device)
+    acc = accuracy(model, images, images.x_test, images.y_test)
+    recorded = metrics["final_test_acc"]
+    match = recorded is not None and abs(acc - recorded) <= RECHECK_TOLERANCE
+    return {"checked": True, "checkpoint_test_acc": acc, "recorded_final_test_acc": recorded,
+            "match": match, "device": str(device)}
+
+
+def summarise(params: dict, profile: str) -> dict:
+    from bpfree.config import config_hash, resolve_experiment, run_configs
+    from bpfree.data import read_manifest
+    from bpfree.training import data_hash
+
+    summary = {"profile": profile, "experiments": {}, "mismatches": []}
+    data_cache: dict = {}
+    for exp_id in params["experiments"]:
+        exp = resolve_experiment(params, exp_id, profile)
+        try:
+            dhash = data_hash(read_manifest(PREPARED / exp["dataset"]))
+        except Exception:  # noqa: BLE001 - no prepared data: trust the hash stored in the runs
+            dhash = None
+        rules: dict[str, dict] = {}
+        variants = set()
+        for run in run_configs(params, exp_id, profile):
+            rule = run["rule"]["name"]
+            entry_ = rules.setdefault(rule, {"seeds": [], "status": {}, "selected_test_acc": {},
+                                             "final_test_acc": {}, "best_test_acc_test_selected": {},
+                                             "selected_epoch": {}, "mean_step_ms": {},
+                                             "checkpoint_check": {}, "code_hash": {},
+                                             "lr": run["optimizer"]["lr"]})
+            seed = str(run["seed"])
+            entry_["seeds"].append(run["seed"])
+            metrics = _read(runs_dir(profile, exp_id) / run["run_id"] / "metrics.json")
+            if metrics is None:
+                entry_["status"][seed] = "MISSING"
+                continue
+            expected = config_hash(run, dhash if dhash else metrics.get("data", {}).get("hash"))
+            if metrics.get("config_hash") != expected:
+                entry_["status"][seed] = "STALE"  # produced by another config: never mixed in
+                continue
+            entry_["status"][seed] = metrics["status"]
+            variants.add(metrics["data"].get("variant"))
+            for key in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected",
+                        "selected_epoch", "mean_step_ms", "code_hash"):
+                entry_[key][seed] = metrics.get(key)
+            check = recheck(metrics, run, data_cache)
+            entry_["checkpoint_check"][seed] = check
+            if check.get("checked") and not check["match"]:
+                summary["mismatches"].append(f"{exp_id}/{run['run_id']}: checkpoint gives "
+                                             f"{check['checkpoint_test_acc']}, metrics say "
+                                             f"{check['recorded_final_test_acc']}")
+        for rule, e in rules.items():
+            ok = [s for s, st in e["status"].items() if st == "OK"]
+            for key in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected"):
+                vals = [e[key][s] for s in ok if e[key].get(s) is not None]
+                e[key + "_stats"] = _stats(vals)
+            e["test_error_stats"] = _stats([100.0 - e["selected_test_acc"][s] for s in ok
+                                            if e["selected_test_acc"].get(s) is not None])
+            e["any_diverged"] = any(st == "DIVERGED" for st in e["status"].values())
+            e["complete"] = all(st in ("OK", "DIVERGED") for st in e["status"].values())
+        summary["experiments"][exp_id] = {
+            "dataset": exp["dataset"], "model": exp["model"]["name"],
+            "data_variant": sorted(v for v in variants if v) or None,
+            "selection": exp["selection"], "shortened": exp["shortened"],
+            "deviations": exp["deviations"], "epochs": exp["epochs"],
+            "notes": " ".join((exp.get("notes") or "").split()),
+            "rules": rules,
+        }
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate")
+    parser.add_argument("--profile", default=None)
+    args = parser.parse_args(argv)
+    from bpfree.config import load_params
+    from bpfree.provenance import atomic_write_json
+
+    params = load_params()
+    profile = args.profile or params["profile"]
+    summary = summarise(params, profile)
+    atomic_write_json(summary_path(profile), summary)
+    n_runs = sum(len(r["status"]) for e in summary["experiments"].values() for r in e["rules"].values())
+    log(f"[{profile}] summarised {n_runs} runs -> {summary_path(profile)}; "
+        f"{len(summary['mismatches'])} checkpoint mismatches")
+    for m in summary["mismatches"]:
+        log(f"  MISMATCH {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)

@@ -1,0 +1,84 @@
+"""Stage: run every (rule, seed) of one experiment for the current profile.
+
+Why per-run files and skipping: a CPU profile runs for hours; an interruption must cost
+only the run in progress. A run whose metrics.json carries the same config hash (resolved
+config + data hash) and the same code hash (the trainer's sources) is not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from stages import PREPARED, checkpoints_dir, entry, log, runs_dir
+
+
+def existing_hashes(path) -> tuple[str | None, str | None]:
+    try:
+        with open(path) as fh:
+            metrics = json.load(fh)
+        return metrics.get("config_hash"), metrics.get("code_hash")
+    except (OSError, ValueError, AttributeError):
+        return None, None  # absent or unreadable: run it again
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.train")
+    parser.add_argument("experiment")
+    parser.add_argument("--profile", default=None, help="default: params.yaml's profile")
+    parser.add_argument("--rules", nargs="*", help="only these rules (to shard runs over processes)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    args = parser.parse_args(argv)
+
+    from bpfree.config import ConfigError, config_hash, load_params, run_configs
+    from bpfree.data import load_prepared
+    from bpfree.provenance import atomic_write_json
+    from bpfree.training import code_hash, data_hash, select_device, train_run
+
+    params = load_params()
+    profile = args.profile or params["profile"]
+    if profile not in params["profiles"]:
+        raise ConfigError("profile", profile, "unknown profile", list(params["profiles"]))
+    runs = run_configs(params, args.experiment, profile)
+    if args.rules:
+        unknown = sorted(set(args.rules) - {r["rule"]["name"] for r in runs})
+        if unknown:
+            raise ConfigError("--rules", unknown, f"not rules of {args.experiment}",
+                              sorted({r["rule"]["name"] for r in runs}))
+        runs = [r for r in runs if r["rule"]["name"] in args.rules]
+    if args.seeds:
+        runs = [r for r in runs if r["seed"] in args.seeds]
+    if not runs:
+        raise ConfigError("--seeds", args.seeds, f"no run of {args.experiment} matches")
+    out_dir, ckpt_dir = runs_dir(profile, args.experiment), checkpoints_dir(profile, args.experiment)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    if runs[0]["device"] == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"profiles.{profile}.{args.experiment}.device", "cuda",
+                              "no CUDA device on this machine; use profile smoke or cpu here")
+    device = select_device(runs[0]["device"])
+    data = load_prepared(str(PREPARED / runs[0]["dataset"]), device)
+    dhash, chash_code = data_hash(data.manifest), code_hash()
+    log(f"[{profile}] {args.experiment}: {len(runs)} runs on {device}")
+    for run in runs:
+        chash = config_hash(run, dhash)
+        metrics_path = out_dir / run["run_id"] / "metrics.json"
+        old_config, old_code = existing_hashes(metrics_path)
+        if (old_config, old_code) == (chash, chash_code):
+            log(f"  {run['run_id']}: up to date (config {chash}, code {chash_code}), skipped")
+            continue
+        if old_config == chash:
+            log(f"  {run['run_id']}: code changed since it ran ({old_code} -> {chash_code})")
+        log(f"  {run['run_id']}: training (config {chash})")
+        metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
+        metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])
+        atomic_write_json(metrics_path, metrics)
+        log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "
+            f"{metrics['wall_time_s']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)

@@ -1,0 +1,248 @@
+"""Every bad parameter must be caught before training, naming field path, value and choices."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def params():
+    return copy.deepcopy(BASE)
+
+
+def expect(params, *fragments):
+    with pytest.raises(ConfigError) as info:
+        validate_params(params)
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+    assert "\n" not in msg
+    return info.value
+
+
+def test_repo_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params["profile"] == "smoke", "plain `dvc repro` must stay the fast smoke profile"
+    for exp in params["experiments"]:
+        runs = run_configs(params, exp)
+        assert {r["run_id"] for r in runs} == {f"{rule}_seed{s}" for rule in params["experiments"][exp]["rules"]
+                                                for s in resolve_experiment(params, exp)["seeds"]}
+
+
+def test_unknown_rule(params):
+    params["experiments"]["A2_mnist_mlp"]["rules"]["backprop"] = {"lr": 0.1}
+    err = expect(params, "experiments.A2_mnist_mlp.rules.backprop", "'backprop'", "bp", "kp", "wm")
+    assert err.path == "experiments.A2_mnist_mlp.rules.backprop"
+
+
+def test_unknown_model(params):
+    params["experiments"]["A1_mnist_lenet"]["model"]["name"] = "lenet5"
+    expect(params, "experiments.A1_mnist_lenet.model.name", "'lenet5'", "lenet_mnist", "resnet20")
+
+
+def test_unknown_model_option(params):
+    params["experiments"]["A2_mnist_mlp"]["model"]["options"]["widht"] = 10
+    expect(params, "experiments.A2_mnist_mlp.model.options.widht", "width")
+
+
+def test_unknown_init(params):
+    params["experiments"]["A2_mnist_mlp"]["model"]["options"]["init"] = "kaiming"
+    expect(params, "experiments.A2_mnist_mlp.model.options.init", "'kaiming'", "xavier_uniform")
+
+
+def test_unknown_dataset(params):
+    params["experiments"]["A1_mnist_lenet"]["dataset"] = "mnist2"
+    expect(params, "experiments.A1_mnist_lenet.dataset", "'mnist2'", "mnist", "cifar10")
+
+
+def test_dataset_not_prepared_by_pipeline(params):
+    params["datasets"] = ["mnist"]
+    expect(params, "experiments.A1_cifar10_lenet.dataset", "'cifar10'", "valid: mnist")
+
+
+def test_unknown_dataset_in_datasets_list(params):
+    params["datasets"].append("imagenet")
+    expect(params, "datasets[2]", "'imagenet'", "cifar10")
+
+
+def test_unknown_profile(params):
+    params["profile"] = "laptop"
+    expect(params, "profile", "'laptop'", "smoke", "cpu", "gpu")
+
+
+def test_unknown_optimizer(params):
+    params["experiments"]["A1_mnist_lenet"]["optimizer"]["name"] = "rmsprop"
+    expect(params, "experiments.A1_mnist_lenet.optimizer.name", "'rmsprop'", "sgd", "adam")
+
+
+@pytest.mark.parametrize("lr", [0, -0.1, 0.0])
+def test_rule_lr_not_positive(params, lr):
+    params["experiments"]["A2_mnist_mlp"]["rules"]["fa"]["lr"] = lr
+    expect(params, "experiments.A2_mnist_mlp.rules.fa.lr", repr(lr), "> 0")
+
+
+def test_optimizer_lr_negative(params):
+    params["experiments"]["A1_cifar10_lenet"]["optimizer"]["lr"] = -1
+    expect(params, "experiments.A1_cifar10_lenet.optimizer.lr", "-1")
+
+
+def test_epochs_zero(params):
+    params["experiments"]["A1_mnist_lenet"]["epochs"] = 0
+    expect(params, "experiments.A1_mnist_lenet.epochs", "0", ">= 1")
+
+
+def test_profile_epochs_zero(params):
+    params["profiles"]["cpu"]["A2_mnist_mlp"]["epochs"] = 0
+    expect(params, "profiles.cpu.A2_mnist_mlp.epochs", "0")
+
+
+@pytest.mark.parametrize("key", ["batch_size", "seeds", "selection", "optimizer", "rules"])
+def test_missing_key(params, key):
+    del params["experiments"]["A2_mnist_mlp"][key]
+    expect(params, f"experiments.A2_mnist_mlp.{key}", "missing")
+
+
+def test_missing_top_level_key(params):
+    del params["profiles"]
+    expect(params, "params.profiles", "missing")
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", "64"), ("epochs", 2.5), ("epochs", True),
+                                       ("seeds", 3), ("val_size", None)])
+def test_wrong_types(params, key, value):
+    params["experiments"]["A2_mnist_mlp"][key] = value
+    expect(params, f"experiments.A2_mnist_mlp.{key}", repr(value))
+
+
+def test_seed_list_entries_checked(params):
+    params["experiments"]["A2_mnist_mlp"]["seeds"] = [1, "two"]
+    expect(params, "experiments.A2_mnist_mlp.seeds[1]", "'two'")
+
+
+def test_unknown_experiment_key(params):
+    params["experiments"]["A2_mnist_mlp"]["epoch"] = 3
+    expect(params, "experiments.A2_mnist_mlp.epoch", "unknown key", "epochs")
+
+
+def test_unknown_profile_key(params):
+    params["profiles"]["smoke"]["A2_mnist_mlp"]["lr"] = 0.1
+    expect(params, "profiles.smoke.A2_mnist_mlp.lr", "unknown profile key", "epochs", "threads")
+
+
+def test_profile_must_cover_every_experiment(params):
+    del params["profiles"]["gpu"]["A2_mnist_mlp"]
+    expect(params, "profiles.gpu.A2_mnist_mlp", "every experiment")
+
+
+def test_profile_unknown_experiment(params):
+    params["profiles"]["gpu"]["A9_nothing"] = {}
+    expect(params, "profiles.gpu.A9_nothing", "A1_mnist_lenet")
+
+
+def test_profile_unknown_device(params):
+    params["profiles"]["gpu"]["A2_mnist_mlp"]["device"] = "tpu"
+    expect(params, "profiles.gpu.A2_mnist_mlp.device", "'tpu'", "cuda")
+
+
+def test_unknown_rule_option(params):
+    params["experiments"]["A2_mnist_mlp"]["rules"]["kp"]["options"]["lambda"] = 0.9
+    expect(params, "experiments.A2_mnist_mlp.rules.kp.options.lambda", "decay")
+
+
+def test_rule_rejects_option_value(params):
+    # KP with no decay degenerates to FA: the rule's own check must fire at config time.
+    params["experiments"]["A2_mnist_mlp"]["rules"]["kp"]["options"]["decay"] = 0
+    expect(params, "experiments.A2_mnist_mlp.rules.kp.options", "decay")
+
+
+def test_unknown_schedule(params):
+    params["experiments"]["A1_mnist_lenet"]["schedule"]["name"] = "cosine"
+    expect(params, "experiments.A1_mnist_lenet.schedule.name", "'cosine'", "multistep", "none")
+
+
+def test_milestones_not_increasing(params):
+    params["experiments"]["A1_mnist_lenet"]["schedule"]["milestones"] = [75, 50]
+    expect(params, "experiments.A1_mnist_lenet.schedule.milestones", "[75, 50]", "increasing")
+
+
+def test_profile_milestones_beyond_epochs(params):
+    params["profiles"]["cpu"]["A1_mnist_lenet"]["milestones"] = [10, 50]
+    expect(params, "profiles.cpu.A1_mnist_lenet.milestones", "[10, 50]", "beyond")
+
+
+def test_best_val_needs_validation_split(params):
+    params["experiments"]["A2_mnist_mlp"]["selection"] = "best_val"
+    expect(params, "profiles.smoke.A2_mnist_mlp.val_size", "best_val")
+
+
+def test_unknown_selection(params):
+    params["experiments"]["A2_mnist_mlp"]["selection"] = "best_test"
+    expect(params, "experiments.A2_mnist_mlp.selection", "'best_test'", "best_val", "final")
+
+
+def test_nesterov_needs_momentum(params):
+    params["experiments"]["A2_mnist_mlp"]["optimizer"]["nesterov"] = True
+    expect(params, "experiments.A2_mnist_mlp.optimizer.nesterov", "momentum")
+
+
+def test_adam_rejects_momentum(params):
+    params["experiments"]["A2_mnist_mlp"]["optimizer"].update(name="adam", momentum=0.9)
+    expect(params, "experiments.A2_mnist_mlp.optimizer.momentum", "betas")
+
+
+def test_val_size_must_fit_subset(params):
+    params["profiles"]["smoke"]["A1_mnist_lenet"]["val_size"] = 600
+    expect(params, "profiles.smoke.A1_mnist_lenet.val_size", "600", "train_subset")
+
+
+def test_rule_lr_override_and_hash():
+    params = load_params(REPO / "params.yaml")
+    runs = {r["run_id"]: r for r in run_configs(params, "A2_mnist_mlp", "cpu")}
+    assert runs["wm_seed1111"]["optimizer"]["lr"] == 0.05
+    assert runs["kp_seed1111"]["rule"]["options"] == {"decay": 0.001}
+    a, b = runs["bp_seed1111"], copy.deepcopy(runs["bp_seed1111"])
+    assert config_hash(a, "d") == config_hash(b, "d")
+    b["notes"] = "edited prose"  # prose does not change what a run computes
+    assert config_hash(a, "d") == config_hash(b, "d")
+    b["optimizer"]["lr"] = 0.3
+    assert config_hash(a, "d") != config_hash(b, "d")
+    assert config_hash(a, "d") != config_hash(a, "other-data")
+
+
+def test_profile_marks_shortened_protocol():
+    params = load_params(REPO / "params.yaml")
+    assert resolve_experiment(params, "A1_mnist_lenet", "gpu")["shortened"] is False
+    cpu = resolve_experiment(params, "A1_mnist_lenet", "cpu")
+    assert cpu["shortened"] and any("epochs" in d for d in cpu["deviations"])
+
+
+def test_stage_reports_config_error_in_one_line(tmp_path, params):
+    """A stage given a bad params.yaml exits non-zero with one line, no traceback."""
+    params["experiments"]["A2_mnist_mlp"]["rules"]["fa"]["lr"] = -0.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "A2_mnist_mlp"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "experiments.A2_mnist_mlp.rules.fa.lr" in lines[0] and "-0.2" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_stage_unknown_experiment(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "A3_nope"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "A3_nope" in proc.stderr and "A2_mnist_mlp" in proc.stderr

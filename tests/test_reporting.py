@@ -1,0 +1,208 @@
+"""Verdict logic and table rendering, on synthetic summaries (no training)."""
+import copy
+import json
+
+import pytest
+import yaml
+
+from bpfree.claims import (DIVERGED, FAIL, NOT_RUN, PASS, ClaimsError, evaluate_claim, load_registry)
+from bpfree.reporting import claims_table, write_reports
+
+REGISTRY = {
+    "papers": {"toy_paper": {"title": "Toy paper", "sources": ["Toy et al. 2024"]}},
+    "claims": [
+        {"id": "T-abs", "paper": "toy_paper", "provenance": {"kind": "table", "source": "Table 1"},
+         "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_error_pct",
+         "kind": "absolute", "profile": "cpu", "shortened": True,
+         "values": {"bp": 2.0, "fa": 5.0}, "tolerance": {"default": 0.5, "fa": 1.0},
+         "tolerance_reason": "one seed"},
+        {"id": "T-rel", "paper": "toy_paper", "provenance": {"kind": "qualitative", "source": "Sec. 4"},
+         "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_error_pct",
+         "kind": "relative", "profile": "cpu", "shortened": True, "reference_rule": "bp",
+         "values": {"bp": 2.0, "fa": 5.0, "usf": 2.2},
+         "checks": [{"rule": "usf", "within": 1.0}, {"rule": "fa", "at_least": 2.0}],
+         "tolerance_reason": "ordering only"},
+        {"id": "T-gpu", "paper": "toy_paper", "provenance": {"kind": "repo-output", "source": "log"},
+         "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_acc_pct",
+         "kind": "absolute", "profile": "gpu", "shortened": False, "values": {"bp": 98.0},
+         "tolerance": {"default": 0.3}, "tolerance_reason": "seed spread"},
+    ],
+}
+
+
+def rule_entry(accs: dict, status: dict | None = None):
+    status = status or {s: "OK" for s in accs}
+    ok = [v for s, v in accs.items() if status[s] == "OK"]
+    errs = [100 - v for v in ok]
+
+    def stats(vals):
+        if not vals:
+            return {"mean": None, "std": None, "n": 0}
+        m = sum(vals) / len(vals)
+        sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        return {"mean": m, "std": sd, "n": len(vals)}
+
+    return {"status": status, "selected_test_acc": {s: v for s, v in accs.items() if status[s] == "OK"},
+            "selected_test_acc_stats": stats(ok), "test_error_stats": stats(errs),
+            "best_test_acc_test_selected_stats": stats([v + 0.1 for v in ok])}
+
+
+def summary(rules: dict):
+    return {"profile": "cpu", "mismatches": [], "experiments": {"E1": {
+        "dataset": "mnist", "model": "mlp", "data_variant": ["official"], "selection": "best_val",
+        "shortened": True, "deviations": ["epochs 20 (protocol 100)"], "rules": rules}}}
+
+
+@pytest.fixture
+def registry(tmp_path):
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(REGISTRY))
+    papers, claims = load_registry(path)
+    return path, {c.id: c for c in claims}
+
+
+GOOD = {"bp": rule_entry({"1": 98.1, "2": 97.9}), "fa": rule_entry({"1": 95.5, "2": 94.7}),
+        "usf": rule_entry({"1": 97.5, "2": 97.7})}
+
+
+def test_absolute_pass(registry):
+    _, claims = registry
+    res = evaluate_claim(claims["T-abs"], {"cpu": summary(GOOD)})
+    assert res.verdict == PASS
+    bp = res.rows[0]
+    assert bp.rule == "bp" and bp.reproduced == "2.00 ± 0.14" and bp.verdict == PASS
+    assert "SHORTENED" in bp.notes and "epochs 20" in bp.notes
+
+
+def test_absolute_fail_outside_tolerance(registry):
+    _, claims = registry
+    rules = copy.deepcopy(GOOD)
+    rules["fa"] = rule_entry({"1": 93.0, "2": 93.4})  # error 6.8 vs 5.0 +- 1.0
+    res = evaluate_claim(claims["T-abs"], {"cpu": summary(rules)})
+    assert res.verdict == FAIL and [r.verdict for r in res.rows] == [PASS, FAIL]
+
+
+def test_tolerance_edge_is_inclusive(registry):
+    _, claims = registry
+    rules = copy.deepcopy(GOOD)
+    rules["bp"] = rule_entry({"1": 97.5})  # error exactly 2.5 = 2.0 + 0.5
+    assert evaluate_claim(claims["T-abs"], {"cpu": summary(rules)}).rows[0].verdict == PASS
+    rules["bp"] = rule_entry({"1": 97.4})
+    assert evaluate_claim(claims["T-abs"], {"cpu": summary(rules)}).rows[0].verdict == FAIL
+
+
+def test_any_diverged_seed_gives_diverged(registry):
+    _, claims = registry
+    rules = copy.deepcopy(GOOD)
+    rules["fa"] = rule_entry({"1": 95.0, "2": 10.0}, {"1": "OK", "2": "DIVERGED"})
+    res = evaluate_claim(claims["T-abs"], {"cpu": summary(rules)})
+    assert res.verdict == DIVERGED and "diverged" in res.rows[1].notes
+
+
+@pytest.mark.parametrize("summaries,reason", [
+    ({}, "no results/cpu/summary.json"),
+    ({"gpu": summary(GOOD)}, "no results/cpu/summary.json"),
+    ({"cpu": {"experiments": {}}}, "experiment E1 absent"),
+    ({"cpu": summary({"bp": GOOD["bp"]})}, "rule fa not run"),
+    ({"cpu": summary({**GOOD, "fa": rule_entry({"1": 95.0, "2": 95.0}, {"1": "OK", "2": "STALE"})})},
+     "incomplete"),
+    ({"cpu": summary({**GOOD, "fa": rule_entry({"1": 95.0}, {"1": "MISSING"})})}, "1:MISSING"),
+])
+def test_not_run_with_reason(registry, summaries, reason):
+    _, claims = registry
+    res = evaluate_claim(claims["T-abs"], summaries)
+    assert res.verdict == NOT_RUN and reason in res.reason
+
+
+def test_relative_pass_and_gaps(registry):
+    _, claims = registry
+    res = evaluate_claim(claims["T-rel"], {"cpu": summary(GOOD)})
+    assert res.verdict == PASS
+    usf, fa = res.rows
+    assert usf.rule == "usf vs bp" and "gap +0.40" in usf.notes and "paper +0.20" in usf.notes
+    assert fa.tolerance == "fa − bp ≥ 2"
+
+
+@pytest.mark.parametrize("usf_acc,fa_acc,verdicts", [
+    ((96.9, 96.9), (94.0, 94.0), [FAIL, PASS]),     # usf 1.1 worse than bp: outside "within 1"
+    ((99.1, 99.1), (94.0, 94.0), [FAIL, PASS]),     # "within" is two-sided
+    ((97.5, 97.5), (96.5, 96.5), [PASS, FAIL]),     # fa only 1.5 worse: "at least 2" fails
+])
+def test_relative_fail(registry, usf_acc, fa_acc, verdicts):
+    _, claims = registry
+    rules = {"bp": rule_entry({"1": 98.0, "2": 98.0}), "usf": rule_entry(dict(zip("12", usf_acc))),
+             "fa": rule_entry(dict(zip("12", fa_acc)))}
+    res = evaluate_claim(claims["T-rel"], {"cpu": summary(rules)})
+    assert [r.verdict for r in res.rows] == verdicts and res.verdict == FAIL
+
+
+def test_relative_reference_diverged_or_missing(registry):
+    _, claims = registry
+    rules = copy.deepcopy(GOOD)
+    rules["bp"] = rule_entry({"1": 98.0, "2": 10.0}, {"1": "OK", "2": "DIVERGED"})
+    res = evaluate_claim(claims["T-rel"], {"cpu": summary(rules)})
+    assert res.verdict == DIVERGED and all(r.verdict == DIVERGED for r in res.rows)
+    del rules["bp"]
+    res = evaluate_claim(claims["T-rel"], {"cpu": summary(rules)})
+    assert res.verdict == NOT_RUN and "rule bp not run" in res.reason
+
+
+def test_accuracy_metric_not_converted(registry):
+    _, claims = registry
+    res = evaluate_claim(claims["T-gpu"], {"gpu": summary({"bp": rule_entry({"1": 98.2})})})
+    assert res.verdict == PASS and res.rows[0].reproduced == "98.20 ± 0.00"
+
+
+def test_table_rendering_has_every_column_and_value(registry):
+    _, claims = registry
+    results = [evaluate_claim(c, {"cpu": summary(GOOD)}) for c in claims.values()]
+    table = claims_table(results)
+    header = table.splitlines()[0]
+    for col in ("claim", "rule", "paper value", "reproduced mean ± std", "seeds", "tolerance",
+                "verdict", "profile", "data variant", "notes"):
+        assert col in header
+    assert "| T-abs " in table and "5.00" in table and "± 1" in table and "official" in table
+    assert "NOT RUN" in table  # T-gpu: no gpu summary
+    assert table.count("\n") == 1 + sum(len(r.rows) for r in results)
+
+
+def test_write_reports(registry, tmp_path):
+    path, _ = registry
+    results = tmp_path / "results"
+    (results / "cpu").mkdir(parents=True)
+    rules = copy.deepcopy(GOOD)
+    rules["fa"] = rule_entry({"1": 93.0, "2": 93.4})
+    (results / "cpu" / "summary.json").write_text(json.dumps(summary(rules)))
+    written = write_reports(results, path)
+    assert sorted(p.relative_to(results).as_posix() for p in written) == ["README.md", "tables/toy_paper.md"]
+    paper = (results / "tables" / "toy_paper.md").read_text()
+    assert "### T-abs: FAIL" in paper and "### T-rel: PASS" in paper and "### T-gpu: NOT RUN" in paper
+    assert "protocol shortened in this profile: YES" in paper
+    readme = (results / "README.md").read_text()
+    assert "| [Toy paper](tables/toy_paper.md) | 3        | 1      | 1      | 0          | 1" in readme
+    assert "Profiles with a summary: cpu" in readme
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("tolerance_reason", "", "reason"),
+    ("metric", "top5", "metric"),
+    ("profile", "laptop", "profile"),
+    ("provenance", {"kind": "blog", "source": "x"}, "provenance"),
+    ("tolerance", {"fa": 1.0}, "default"),
+])
+def test_registry_rejects_malformed_claims(tmp_path, field, value, msg):
+    reg = copy.deepcopy(REGISTRY)
+    reg["claims"][0][field] = value
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    with pytest.raises(ClaimsError, match=msg):
+        load_registry(path)
+
+
+def test_registry_rejects_missing_field(tmp_path):
+    reg = copy.deepcopy(REGISTRY)
+    del reg["claims"][1]["tolerance_reason"]
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    with pytest.raises(ClaimsError, match="T-rel.*tolerance_reason"):
+        load_registry(path)
