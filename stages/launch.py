@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--tune", action="store_true", help="first search lrs for rules with `lr: tuned`")
+    parser.add_argument("--no-train", action="store_true", help="only the lr search")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     args = parser.parse_args(argv)
 
@@ -66,6 +67,8 @@ def main(argv: list[str]) -> int:
         if failed:
             log(f"lr search failed for {failed}; see {args.log_dir}")
             return 1
+    if args.no_train:
+        return 0
     train_tasks = [
         (f"train_{e}_{rule}_{seed}",
          ["stages.train", e, "--profile", args.profile, "--rules", rule, "--seeds", str(seed)])
