@@ -137,7 +137,7 @@ def _tiny_params():
     exp["rules"] = {"bp": {"lr": 0.2}, "fa": {"lr": 0.2}}
     exp["model"]["options"]["width"] = 32
     params["experiments"] = {"A2_mnist_mlp": exp}
-    params["profiles"] = {"smoke": {"A2_mnist_mlp": {"epochs": 1, "train_subset": 128, "test_subset": 64,
+    params["profiles"] = {"smoke": {"A2_mnist_mlp": {"epochs": 1, "seeds": [1111], "train_subset": 128, "test_subset": 64,
                                                      "threads": 1, "device": "cpu"}}}
     return params
 
