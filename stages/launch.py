@@ -10,6 +10,7 @@ provenance are exactly those of `dvc repro`; afterwards `dvc repro` only re-eval
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -21,13 +22,18 @@ from stages import entry, log
 def _run_pool(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> list[str]:
     """Run tasks with at most `jobs` at once; return the names of those that failed."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Children run in this working directory (its params.yaml and results/), importing the
+    # stages package from wherever this one came from.
+    code_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (code_root, os.environ.get("PYTHONPATH")) if p)}
     pending, running, failed = list(tasks), [], []
     while pending or running:
         while pending and len(running) < jobs:
             name, argv = pending.pop(0)
             fh = open(log_dir / f"{name}.log", "w")
             running.append((name, subprocess.Popen([sys.executable, "-m", *argv], stdout=fh,
-                                                   stderr=subprocess.STDOUT), fh))
+                                                   stderr=subprocess.STDOUT, env=env), fh))
         time.sleep(1)
         for item in list(running):
             name, proc, fh = item
