@@ -1,7 +1,22 @@
-"""Shared test set-up: one torch thread per xdist worker, so workers don't oversubscribe the cores."""
+"""Shared test set-up: one torch thread per xdist worker, and prepared real MNIST for trainer tests."""
 import os
+from pathlib import Path
 
+import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("BPFREE_DATA_DIR", REPO.parent / "shared" / "data"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    from bpfree.data import prepare_dataset
+    if not (DATA_DIR / "MNIST").exists():
+        pytest.skip(f"no MNIST under {DATA_DIR} (set BPFREE_DATA_DIR)")
+    out = tmp_path_factory.mktemp("prepared") / "mnist"
+    prepare_dataset("mnist", out, raw_dir=DATA_DIR)
+    return out

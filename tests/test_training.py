@@ -17,16 +17,6 @@ DATA_DIR = Path(os.environ.get("BPFREE_DATA_DIR", REPO.parent / "shared" / "data
 
 
 @pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    from bpfree.data import prepare_dataset
-    if not (DATA_DIR / "MNIST").exists():
-        pytest.skip(f"no MNIST under {DATA_DIR} (set BPFREE_DATA_DIR)")
-    out = tmp_path_factory.mktemp("prepared") / "mnist"
-    prepare_dataset("mnist", out, raw_dir=DATA_DIR)
-    return out
-
-
-@pytest.fixture(scope="module")
 def mnist(mnist_dir):
     from bpfree.data import load_prepared
     return load_prepared(mnist_dir, "cpu")
