@@ -31,9 +31,10 @@ def main(argv: list[str]) -> int:
 
     from bpfree.config import ConfigError, config_hash, load_params, run_configs
     from bpfree.data import load_prepared
-    from bpfree.provenance import atomic_write_json
+    from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import code_hash, data_hash, select_device, train_run
 
+    git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()
     profile = args.profile or params["profile"]
     if profile not in params["profiles"]:

@@ -12,7 +12,7 @@ every profile reads where params.yaml says `lr: tuned`.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 
 from stages import PREPARED, RESULTS, entry, log
 
@@ -26,9 +26,10 @@ def main(argv: list[str]) -> int:
 
     from bpfree.config import ConfigError, load_params, resolve_experiment
     from bpfree.data import load_prepared
-    from bpfree.provenance import atomic_write_json
+    from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import select_device, train_run, code_hash, data_hash
 
+    git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()
     profile = args.profile or params["profile"]
     exp = resolve_experiment(params, args.experiment, profile)
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         spec = exp["rules"][rule] or {}
         trials = []
         for lr in grid["lrs"]:
-            run = json.loads(json.dumps({k: v for k, v in exp.items() if k not in ("rules", "seeds", "tuning")}))
+            run = copy.deepcopy({k: v for k, v in exp.items() if k not in ("rules", "seeds", "tuning")})
             run.update(rule={"name": rule, "options": dict(spec.get("options") or {})},
                        seed=int(grid.get("seed", 0)), epochs=int(grid["epochs"]),
                        schedule={"name": "none"}, selection="best_val", run_id=f"{rule}_lr{lr}")
