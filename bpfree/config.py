@@ -24,16 +24,23 @@ DEVICES = ("cpu", "cuda", "auto")
 # Keys a profile may override per experiment. Anything else is a typo.
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
-    "threads", "device", "batch_size", "diagnostics_every",
+    "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
+    "train_data", "skip",
 )
+TRAIN_DATA_KINDS = {
+    # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
+    "noisy_subset": {"size": True, "flip_fraction": True},
+    "k_class": {"k": True},
+}
 EXPERIMENT_KEYS = {
     # key: required?
     "dataset": True, "model": True, "rules": True, "optimizer": True, "schedule": True,
     "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
     "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
-    "tuning": False,
+    "tuning": False, "sweep": False, "train_data": False, "log_every": False,
 }
-TOP_KEYS = {"profile": True, "datasets": True, "experiments": True, "profiles": True}
+TOP_KEYS = {"profile": True, "datasets": True, "optional_datasets": False, "experiments": True,
+            "profiles": True}
 
 
 class ConfigError(ValueError):
@@ -243,13 +250,67 @@ def _validate_experiment(exp, path, ctx) -> None:
         _int(pre["resize"], f"{path}.preprocess.resize", 1)
     diag = exp.get("diagnostics", {}) or {}
     _mapping(diag, f"{path}.diagnostics")
-    _keys(diag, {"every": False, "batch": False}, f"{path}.diagnostics")
+    _keys(diag, {"every": False, "batch": False, "conservation": False}, f"{path}.diagnostics")
     _int(diag.get("every", 0), f"{path}.diagnostics.every", 0)
     _int(diag.get("batch", 256), f"{path}.diagnostics.batch", 1)
+    _bool(diag.get("conservation", False), f"{path}.diagnostics.conservation")
+    _int(exp.get("log_every", 1), f"{path}.log_every", 1)
+    if exp.get("train_data") is not None:
+        _validate_train_data(exp["train_data"], f"{path}.train_data")
+    if exp.get("sweep") is not None:
+        _validate_sweep(exp["sweep"], exp, f"{path}.sweep")
     if exp.get("tuning") is not None:
         _validate_tuning(exp["tuning"], f"{path}.tuning")
     if "notes" in exp and not isinstance(exp["notes"], str):
         raise ConfigError(f"{path}.notes", exp["notes"], "must be a string")
+
+
+def _validate_train_data(t, path) -> None:
+    """A derived training set (label-noise subset, k-class subset) drawn per repeat."""
+    _mapping(t, path)
+    kind = _choice(t.get("kind"), f"{path}.kind", list(TRAIN_DATA_KINDS))
+    _keys(t, {"kind": True, **TRAIN_DATA_KINDS[kind]}, path)
+    if kind == "noisy_subset":
+        _int(t["size"], f"{path}.size", 1)
+        f = t["flip_fraction"]
+        if not _is_num(f) or not 0 <= f <= 1:
+            raise ConfigError(f"{path}.flip_fraction", f, "must be a number in [0, 1]")
+    else:
+        _int(t["k"], f"{path}.k", 2)
+
+
+def _validate_sweep(sw, exp, path) -> None:
+    """One parameter varied over values, every rule and seed run at each value."""
+    _mapping(sw, path)
+    _keys(sw, {"param": True, "values": True}, path)
+    param = sw["param"]
+    head, _, key = param.partition(".options.") if param.startswith("model.") else param.partition(".")
+    if param.startswith("model.options."):
+        from bpfree.models import model_options
+        valid = sorted(model_options(exp["model"]["name"]))
+        if key not in valid:
+            raise ConfigError(f"{path}.param", param, f"not an option of model {exp['model']['name']!r}",
+                              [f"model.options.{k}" for k in valid])
+    elif head == "train_data" and exp.get("train_data"):
+        valid = sorted(TRAIN_DATA_KINDS[exp["train_data"]["kind"]])
+        if key not in valid:
+            raise ConfigError(f"{path}.param", param, "not a train_data option",
+                              [f"train_data.{k}" for k in valid])
+    else:
+        raise ConfigError(f"{path}.param", param, "a sweep varies a model option or a train_data "
+                          "option", ["model.options.<option>", "train_data.<option>"])
+    _sweep_values(sw["values"], f"{path}.values")
+
+
+def _sweep_values(v, path) -> list:
+    if not isinstance(v, list) or not v:
+        raise ConfigError(path, v, "must be a non-empty list")
+    for i, x in enumerate(v):
+        if not (_is_num(x) or isinstance(x, str)):
+            raise ConfigError(f"{path}[{i}]", x, "sweep values are numbers or names")
+    if len(set(map(str, v))) != len(v):
+        raise ConfigError(path, v, "sweep values must be unique")
+    return v
 
 
 def _validate_tuning(t, path) -> None:
@@ -285,6 +346,14 @@ def _validate_override(o, path) -> None:
         _int(o["diagnostics_every"], f"{path}.diagnostics_every", 0)
     if "device" in o:
         _choice(o["device"], f"{path}.device", DEVICES)
+    if "log_every" in o:
+        _int(o["log_every"], f"{path}.log_every", 1)
+    if "sweep_values" in o:
+        _sweep_values(o["sweep_values"], f"{path}.sweep_values")
+    if "train_data" in o:
+        _mapping(o["train_data"], f"{path}.train_data")
+    if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
+        raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
 
 def validate_params(params: Any) -> dict:
@@ -298,7 +367,15 @@ def validate_params(params: Any) -> dict:
         raise ConfigError("datasets", datasets, "must be a non-empty list", all_datasets)
     for i, d in enumerate(datasets):
         _choice(d, f"datasets[{i}]", all_datasets)
-    ctx["datasets"] = datasets  # an experiment may only use a dataset the prepare stage makes
+    optional = params.get("optional_datasets") or []
+    if not isinstance(optional, list):
+        raise ConfigError("optional_datasets", optional, "must be a list", all_datasets)
+    for i, d in enumerate(optional):
+        _choice(d, f"optional_datasets[{i}]", all_datasets)
+        if d in datasets:
+            raise ConfigError(f"optional_datasets[{i}]", d, "is already in datasets")
+    # An experiment may only use a dataset a prepare stage makes.
+    ctx["datasets"] = datasets + optional
 
     experiments = _mapping(params["experiments"], "experiments")
     if not experiments:
@@ -337,6 +414,12 @@ def _check_resolved(exp: dict, path: str) -> None:
     if exp["selection"] == "best_val" and exp["val_size"] <= 0:
         raise ConfigError(f"{path}.val_size", exp["val_size"],
                           "selection best_val needs a validation split (val_size > 0)")
+    if exp.get("train_data"):
+        _validate_train_data(exp["train_data"], f"{path}.train_data")
+        if exp["train_data"]["kind"] == "noisy_subset" and exp["train_subset"] is not None \
+                and exp["train_data"]["size"] > exp["train_subset"]:
+            raise ConfigError(f"{path}.train_data.size", exp["train_data"]["size"],
+                              f"larger than train_subset ({exp['train_subset']})")
     sub = exp.get("train_subset")
     if sub is not None and exp["val_size"] >= sub:
         raise ConfigError(f"{path}.val_size", exp["val_size"],
@@ -392,6 +475,27 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         diag["every"] = override["diagnostics_every"]
     exp["diagnostics"] = diag
     exp["data_seed"] = exp.get("data_seed", 0)
+    # Keys below are set only when used, so configs (and hashes) of experiments that do not
+    # use them are exactly what they were before the keys existed.
+    if "log_every" in override or "log_every" in exp:
+        exp["log_every"] = override.get("log_every", exp.get("log_every", 1))
+    if exp.get("train_data"):
+        merged = {**exp["train_data"], **(override.get("train_data") or {})}
+        if merged != exp["train_data"]:
+            deviations.append(f"train_data {merged} (protocol {exp['train_data']})")
+        exp["train_data"] = merged
+    elif override.get("train_data"):
+        raise ConfigError(f"profiles.{profile}.{exp_id}.train_data", override["train_data"],
+                          "the experiment has no train_data to override")
+    if exp.get("sweep"):
+        values = override.get("sweep_values", exp["sweep"]["values"])
+        if values != exp["sweep"]["values"]:
+            deviations.append(f"{exp['sweep']['param']} in {values} (protocol {exp['sweep']['values']})")
+        exp["sweep"] = {"param": exp["sweep"]["param"], "values": values}
+    elif "sweep_values" in override:
+        raise ConfigError(f"profiles.{profile}.{exp_id}.sweep_values", override["sweep_values"],
+                          "the experiment has no sweep")
+    exp["skip"] = override.get("skip")
     exp["model"].setdefault("options", {})
     exp["model"]["options"] = exp["model"]["options"] or {}
     exp["optimizer"] = {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False, **exp["optimizer"]}
@@ -422,21 +526,51 @@ def tuned_lr(exp_id: str, rule: str, tuning_dir: Path = TUNING_DIR) -> float:
     return float(chosen)
 
 
+def sweep_label(param: str) -> str:
+    """Short name of a swept parameter for run ids and tables: model.options.width -> width."""
+    return param.rsplit(".", 1)[-1]
+
+
+def _set_path(run: dict, dotted: str, value) -> None:
+    node = run
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
 def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[dict]:
-    """Every (rule, seed) run of an experiment, fully resolved, in a stable order."""
+    """Every (seed, sweep value, rule) run of an experiment, fully resolved.
+
+    Ordered repeat by repeat, so an interrupted long sweep leaves whole repeats behind. A
+    derived training set (train_data) is drawn from the run's seed: a new draw per repeat,
+    the same draw for every rule and sweep value of that repeat.
+    """
     exp = resolve_experiment(params, exp_id, profile)
+    sweep = exp.get("sweep")
+    points = [(None, None)] if not sweep else [(sweep["param"], v) for v in sweep["values"]]
     runs = []
-    for rule, spec in exp["rules"].items():
-        spec = spec or {}
-        for seed in exp["seeds"]:
-            run = {k: copy.deepcopy(v) for k, v in exp.items() if k not in ("rules", "seeds", "tuning")}
-            run["rule"] = {"name": rule, "options": dict(spec.get("options") or {})}
-            lr = spec.get("lr", exp["optimizer"]["lr"])
-            run["optimizer"]["lr"] = tuned_lr(exp_id, rule) if lr == TUNED else float(lr)
-            run["lr_source"] = f"results/tuning/{exp_id}/{rule}.json" if lr == TUNED else "params.yaml"
-            run["seed"] = seed
-            run["run_id"] = f"{rule}_seed{seed}"
-            runs.append(run)
+    for seed in exp["seeds"]:
+        for param, value in points:
+            for rule, spec in exp["rules"].items():
+                spec = spec or {}
+                run = {k: copy.deepcopy(v) for k, v in exp.items()
+                       if k not in ("rules", "seeds", "tuning", "sweep", "skip")}
+                run["rule"] = {"name": rule, "options": dict(spec.get("options") or {})}
+                lr = spec.get("lr", exp["optimizer"]["lr"])
+                run["optimizer"]["lr"] = tuned_lr(exp_id, rule) if lr == TUNED else float(lr)
+                run["lr_source"] = f"results/tuning/{exp_id}/{rule}.json" if lr == TUNED else "params.yaml"
+                run["seed"] = seed
+                run["run_id"] = f"{rule}_seed{seed}"
+                if run.get("train_data"):
+                    run["train_data"]["seed"] = seed
+                if param is not None:
+                    _set_path(run, param, value)
+                    run["sweep"] = {"param": param, "value": value}
+                    run["run_id"] = f"{rule}_{sweep_label(param)}{value}_seed{seed}"
+                runs.append(run)
+    if not sweep:  # historical order (rule-major) for experiments without a sweep
+        runs.sort(key=lambda r: list(exp["rules"]).index(r["rule"]["name"]))
     return runs
 
 

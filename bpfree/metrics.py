@@ -109,3 +109,98 @@ def alignment_report(model, handle, loss_fn, inputs, targets) -> dict[str, dict[
         "weight_feedback_angle_deg": weight_feedback_angles(handle),
         "update_gradient_angle_deg": update_gradient_angles(model, handle, loss_fn, inputs, targets),
     }
+
+
+# ----------------------------------------------------------------------------- conservation
+def _neuron_pairs(handle: RuleHandle) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(hidden layer name, layer i, layer i+1) for consecutive converted layers whose shapes
+    chain: W_{i+1} has one input column (or input channel) per output neuron of W_i."""
+    layers = handle.named_layers
+    pairs = []
+    for (name, lower), (_, upper) in zip(layers, layers[1:]):
+        if upper.weight.dim() >= 2 and upper.weight.shape[1] == lower.weight.shape[0]:
+            pairs.append((name, lower, upper))
+    return pairs
+
+
+class ConservationTracker:
+    """Per-neuron check of the FA conservation law (Robertson & Koyejo 2024, Thm 5.2).
+
+    For hidden neuron k of layer i in a bias-free (leaky-)ReLU net trained by gradient flow
+    with feedback B, d(1/2 ||W_i[k,:]||^2) = d<W_{i+1}[:,k], B_{i+1}[:,k]>. Both sides are
+    accumulated from the moment the tracker is created; their per-neuron ratio should stay
+    at 1, and the layer's mean |ratio - 1| measures how far discrete steps, momentum or
+    biases move training off the law. When the feedback IS the weight (GD) the right side
+    is d(1/2 ||W_{i+1}[:,k]||^2), the gradient-flow balance law of Du et al. 2018. For a
+    conv layer a neuron is an output channel. Rules whose B is learned (KP) are measured the
+    same way, but the law is not expected to hold for them.
+    """
+
+    def __init__(self, handle: RuleHandle, zero_tolerance: float = 1e-6):
+        self.handle = handle
+        self.zero_tolerance = zero_tolerance
+        self.pairs = _neuron_pairs(handle)
+        self._start = {name: self._sides(lower, upper) for name, lower, upper in self.pairs}
+
+    @staticmethod
+    @torch.no_grad()
+    def _sides(lower: nn.Module, upper: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        w_in = lower.weight.detach().double().flatten(1)                    # (k, fan_in)
+        w_out = upper.weight.detach().double().transpose(0, 1).flatten(1)   # (k, out * kernel)
+        feedback = upper.feedback
+        if feedback is None or feedback is upper.weight:
+            outgoing = 0.5 * (w_out * w_out).sum(1)
+        else:
+            b_out = feedback.detach().double().transpose(0, 1).flatten(1)
+            outgoing = (w_out * b_out).sum(1)
+        return 0.5 * (w_in * w_in).sum(1), outgoing
+
+    def report(self) -> dict[str, dict[str, float | int]]:
+        """Per hidden layer: mean |ratio - 1| over neurons, the neurons counted and excluded.
+
+        A neuron is excluded when its outgoing change is below zero_tolerance relative to
+        the size of the quantity itself (float32 training cannot resolve smaller changes),
+        so a dead neuron does not turn into a 0/0 ratio.
+        """
+        out = {}
+        for name, lower, upper in self.pairs:
+            in0, out0 = self._start[name]
+            in1, out1 = self._sides(lower, upper)
+            d_in, d_out = in1 - in0, out1 - out0
+            scale = torch.maximum(out0.abs(), out1.abs()).clamp_min(1e-30)
+            keep = d_out.abs() > self.zero_tolerance * scale
+            ratio = d_in[keep] / d_out[keep]
+            deviation = (ratio - 1).abs()
+            out[name] = {
+                "mean_abs_deviation": deviation.mean().item() if keep.any() else math.nan,
+                "median_abs_deviation": deviation.median().item() if keep.any() else math.nan,
+                "neurons": int(keep.sum()),
+                "excluded": int((~keep).sum()),
+                "sum_d_incoming": d_in.sum().item(),
+                "sum_d_outgoing": d_out.sum().item(),
+            }
+        return out
+
+
+@torch.no_grad()
+def _angles_between(handle: RuleHandle, rule_grads, true_grads) -> dict[str, float]:
+    angles = {}
+    for (name, _), rule_grad, true_grad in zip(handle.named_layers, rule_grads, true_grads):
+        if rule_grad is not None and true_grad is not None:
+            angles[name] = angle_degrees(rule_grad, true_grad)
+    return angles
+
+
+def step_gradient_angles(model, handle, loss_fn, inputs, targets) -> dict[str, float]:
+    """Angle between the .grad the rule JUST produced on (inputs, targets) and the true gradient.
+
+    For full-batch training this is the update-vs-gradient angle of the training step itself
+    at the cost of one extra forward/backward (update_gradient_angles needs two): the true
+    gradient comes from torch.autograd.grad, so .grad, buffers and RNG are left untouched.
+    """
+    weights = [layer.weight for layer in handle.layers]
+    rule_grads = [None if w.grad is None else w.grad.detach().clone() for w in weights]
+    with _preserved_state(model, handle), torch.enable_grad(), handle.suspended():
+        loss = loss_fn(model(inputs), targets)
+        true_grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    return _angles_between(handle, rule_grads, true_grads)

@@ -37,7 +37,7 @@ __all__ = [
     "register_model",
 ]
 
-INIT_SCHEMES = ("default", "xavier_uniform")
+INIT_SCHEMES = ("default", "xavier_uniform", "normal_inverse_width")
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -90,15 +90,25 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
 
 # ------------------------------------------------------------------------- components
 
-def init_weights(model: nn.Module, scheme: str = "default") -> nn.Module:
+def init_weights(model: nn.Module, scheme: str = "default", width: int | None = None) -> nn.Module:
     """Re-initialise Linear/Conv2d layers so results match papers that fix the init.
 
     "default" keeps whatever the constructors drew (torch's default, or torchvision's
     for resnet18). "xavier_uniform" draws Xavier-uniform weights and zero biases, as
     the biotorch benchmark does; norms and embeddings keep their defaults.
+    "normal_inverse_width" draws every weight from N(0, 1/width) with zero biases, the
+    init of Robertson & Koyejo 2024's two-layer nets (width = the hidden width).
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; valid schemes: {', '.join(INIT_SCHEMES)}")
+    if scheme == "normal_inverse_width":
+        if not width:
+            raise ValueError("init 'normal_inverse_width' needs the hidden width (MLPs only)")
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=width ** -0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     if scheme == "xavier_uniform":
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -174,7 +184,7 @@ def mlp(
         layers[f"act{index}"] = make_activation(activation, negative_slope)
         features = width
     layers["classifier"] = nn.Linear(features, num_classes, bias=bias)
-    return init_weights(nn.Sequential(layers), init)
+    return init_weights(nn.Sequential(layers), init, width=width)
 
 
 # ----------------------------------------------------------------------------- LeNets

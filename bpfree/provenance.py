@@ -41,9 +41,13 @@ def atomic_write_text(path, text: str) -> Path:
     return _atomic(path, write)
 
 
-def atomic_write_json(path, obj: Any) -> Path:
+def atomic_write_json(path, obj: Any, compact: bool = False) -> Path:
+    """compact: one line without indentation, for files holding thousands of logged values."""
     # Serialise first: an unserialisable object must fail before anything touches the disk.
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    if compact:
+        text = json.dumps(obj, sort_keys=True, allow_nan=True, separators=(",", ":")) + "\n"
+    else:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
     return atomic_write_text(path, text)
 
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bpfree.data import train_val_split
-from bpfree.metrics import alignment_report
+from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
+from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
@@ -75,6 +75,7 @@ class DeviceImages:
     std: torch.Tensor
     normalize: bool
     num_classes: int
+    draw: dict | None = None  # what a derived training set drew (flipped labels, classes)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
@@ -99,14 +100,30 @@ def device_images(data, run: dict, device: torch.device) -> DeviceImages:
         if run["test_subset"] > n_test:
             raise ValueError(f"test_subset {run['test_subset']} > {n_test} test images")
         test_idx = torch.randperm(n_test, generator=gen)[: run["test_subset"]].sort().values
-    if run["val_size"] > 0:
-        tr, va = train_val_split(len(pool), run["val_size"], run["data_seed"])
-        tr_idx, va_idx = pool[_as_index(tr)], pool[_as_index(va)]
-    else:
-        tr_idx, va_idx = pool, pool[:0]
-
     def take(x, idx):
         return x[idx.to(x.device)].to(device)
+
+    y_pool, y_test, num_classes, draw = take(data.y_train, pool), take(data.y_test, test_idx), int(data.num_classes), None
+    spec = run.get("train_data")
+    if spec:
+        # Drawn from the run's seed: a fresh draw per repeat, the same for every rule.
+        if spec["kind"] == "noisy_subset":
+            pool, y_pool, flipped = noisy_subset(pool, y_pool.cpu(), spec["size"], spec["flip_fraction"],
+                                                 num_classes, spec["seed"])
+            y_pool = y_pool.to(device)
+            draw = {"kind": "noisy_subset", "seed": spec["seed"], "flipped": int(flipped.sum())}
+        else:
+            pool, y_pool, classes = k_class_subset(pool, y_pool.cpu(), spec["k"], num_classes, spec["seed"])
+            test_idx, y_test = task_subset(test_idx, y_test.cpu(), classes)
+            y_pool, y_test, num_classes = y_pool.to(device), y_test.to(device), spec["k"]
+            draw = {"kind": "k_class", "seed": spec["seed"], "classes": classes}
+    if run["val_size"] > 0:
+        tr, va = train_val_split(len(pool), run["val_size"], run["data_seed"])
+        tr, va = _as_index(tr), _as_index(va)
+    else:
+        tr, va = torch.arange(len(pool)), torch.arange(0)
+    tr_idx, va_idx = pool[tr], pool[va]
+    y_tr, y_va = y_pool[tr.to(y_pool.device)], y_pool[va.to(y_pool.device)]
 
     x_tr, x_va, x_te = take(data.x_train, tr_idx), take(data.x_train, va_idx), take(data.x_test, test_idx)
     resize = run["preprocess"].get("resize")
@@ -122,9 +139,8 @@ def device_images(data, run: dict, device: torch.device) -> DeviceImages:
     mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
     std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
     return DeviceImages(
-        x_tr, take(data.y_train, tr_idx), x_va, take(data.y_train, va_idx), x_te,
-        take(data.y_test, test_idx), mean, std, bool(run["preprocess"].get("normalize", True)),
-        int(data.num_classes),
+        x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
+        bool(run["preprocess"].get("normalize", True)), num_classes, draw,
     )
 
 
@@ -149,18 +165,26 @@ def build_scheduler(optimizer, cfg: dict):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: DeviceImages, x: torch.Tensor, y: torch.Tensor) -> float | None:
-    """Top-1 accuracy in percent; None for an empty split."""
+def evaluate_split(model: nn.Module, images: DeviceImages, x: torch.Tensor,
+                   y: torch.Tensor) -> tuple[float | None, float | None]:
+    """(top-1 accuracy in percent, mean cross-entropy); (None, None) for an empty split."""
     if len(y) == 0:
-        return None
+        return None, None
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=y.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
     for i in range(0, len(y), EVAL_BATCH):
         out = model(images.prepare(x[i:i + EVAL_BATCH]))
         correct += (out.argmax(1) == y[i:i + EVAL_BATCH]).sum()
+        loss_sum += F.cross_entropy(out.float(), y[i:i + EVAL_BATCH], reduction="sum").double()
     model.train(was_training)
-    return 100.0 * correct.item() / len(y)
+    return 100.0 * correct.item() / len(y), loss_sum.item() / len(y)
+
+
+def accuracy(model: nn.Module, images: DeviceImages, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Top-1 accuracy in percent; None for an empty split."""
+    return evaluate_split(model, images, x, y)[0]
 
 
 class _StepTimer:
@@ -247,65 +271,92 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     scheduler = build_scheduler(optimizer, run["schedule"])
     order_gen = torch.Generator().manual_seed(seed)
 
+    n = len(images.y_train)
+    bs = int(run["batch_size"])
+    # Full-batch training (the implicit-regularisation protocols): no shuffling, the
+    # normalised training set is built once, and the alignment diagnostics reuse the step.
+    full_batch = bs >= n
+    x_full = images.prepare(images.x_train) if full_batch else None
+
     diag_cfg = run.get("diagnostics") or {}
     diag_every = int(diag_cfg.get("every", 0) or 0)
     diag_x = images.prepare(images.x_train[: diag_cfg.get("batch", 256)]) if diag_every else None
     diag_y = images.y_train[: diag_cfg.get("batch", 256)] if diag_every else None
+    tracker = ConservationTracker(handle) if diag_every and diag_cfg.get("conservation") else None
     diagnostics = []
 
-    def diagnose(epoch):
-        report = alignment_report(model, handle, F.cross_entropy, diag_x, diag_y)
+    def diagnose(epoch, step_angles=None):
+        if step_angles is None:
+            report = alignment_report(model, handle, F.cross_entropy, diag_x, diag_y)
+        else:
+            report = {"weight_feedback_angle_deg": weight_feedback_angles(handle),
+                      "update_gradient_angle_deg": step_angles}
+        if tracker is not None and epoch > 0:
+            report["conservation"] = tracker.report()
         diagnostics.append({"epoch": epoch, **report})
 
     if diag_every:
         diagnose(0)
 
-    n = len(images.y_train)
-    bs = int(run["batch_size"])
+    epochs = int(run["epochs"])
+    log_every = int(run.get("log_every", 1))
     timer = _StepTimer(device)
     history: list[dict] = []
     status, diverged_epoch = STATUS_OK, None
     model.train()
-    for epoch in range(1, int(run["epochs"]) + 1):
-        perm = torch.randperm(n, generator=order_gen).to(device)
+    for epoch in range(1, epochs + 1):
+        perm = None if full_batch else torch.randperm(n, generator=order_gen).to(device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         lr = optimizer.param_groups[0]["lr"]
         steps = (n + bs - 1) // bs
         warmup = min(WARMUP_STEPS, steps // 2) if epoch == 1 else 0
+        diag_now = bool(diag_every) and epoch % diag_every == 0
+        untimed = diag_now or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
+        step_angles = None
         for step, i in enumerate(range(0, n, bs)):
             token = timer.start()
-            idx = perm[i:i + bs]
-            xb, yb = images.prepare(images.x_train[idx]), images.y_train[idx]
+            if full_batch:
+                xb, yb = x_full, images.y_train
+            else:
+                idx = perm[i:i + bs]
+                xb, yb = images.prepare(images.x_train[idx]), images.y_train[idx]
             optimizer.zero_grad(set_to_none=True)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             loss.backward()
+            if full_batch and diag_now:
+                step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
             optimizer.step()
             handle.after_step()
-            loss_sum += loss.detach().double() * len(idx)
+            loss_sum += loss.detach().double() * len(yb)
             correct += (out.detach().argmax(1) == yb).sum()
-            timer.stop(token, keep=step >= warmup)
+            timer.stop(token, keep=step >= warmup and not untimed)
         train_loss = (loss_sum / n).item()
         if not math.isfinite(train_loss):
             status, diverged_epoch = STATUS_DIVERGED, epoch
             if log:
                 log(f"  epoch {epoch}: training loss {train_loss}, run DIVERGED")
             break
+        if scheduler is not None:
+            scheduler.step()
+        if diag_now:
+            diagnose(epoch, step_angles)
+        if epoch % log_every and epoch != epochs:
+            continue
+        val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
+        test_acc, test_loss = evaluate_split(model, images, images.x_test, images.y_test)
         record = {
             "epoch": epoch,
             "lr": lr,
             "train_loss": train_loss,
             "train_acc": 100.0 * correct.item() / n,
-            "val_acc": accuracy(model, images, images.x_val, images.y_val),
-            "test_acc": accuracy(model, images, images.x_test, images.y_test),
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+            "test_loss": test_loss,
         }
         history.append(record)
-        if scheduler is not None:
-            scheduler.step()
-        if diag_every and epoch % diag_every == 0:
-            diagnose(epoch)
-        if log:
+        if log and (log_every == 1 or epoch % (50 * log_every) == 0 or epoch == epochs):
             log(f"  epoch {epoch}: loss {train_loss:.4f} train {record['train_acc']:.2f}% "
                 f"val {record['val_acc'] if record['val_acc'] is not None else '-'} "
                 f"test {record['test_acc']:.2f}%")
@@ -322,11 +373,20 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     counts = dict(handle.counts)
     handle.remove()
     manifest = getattr(data, "manifest", {}) or {}
+    selected = _select(history, run["selection"])
+    curves = None
+    if log_every > 1:
+        # Long runs: every logged epoch goes into compact columns instead of one dict each.
+        curves = to_curves(history, diagnostics)
+        history = history[-1:]
+        diagnostics = diagnostics[:1] + diagnostics[-1:] if len(diagnostics) > 1 else diagnostics
     return _json_safe({
         "status": status,
         "diverged_epoch": diverged_epoch,
         "history": history,
-        **_select(history, run["selection"]),
+        "curves": curves,
+        "train_data_draw": images.draw,
+        **selected,
         "epochs_completed": len(history),
         "sizes": {"train": n, "val": len(images.y_val), "test": len(images.y_test)},
         "mean_step_ms": step_ms,
@@ -372,6 +432,40 @@ def data_hash(manifest: dict) -> str | None:
     pins = manifest.get("outputs") or manifest
     blob = json.dumps(pins, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CURVE_DIGITS = 7  # float32 training: later digits are rounding noise
+
+
+def _round(v, digits: int = CURVE_DIGITS):
+    return v if not isinstance(v, float) or not math.isfinite(v) or v == 0 else float(f"{v:.{digits}g}")
+
+
+def to_curves(history: list[dict], diagnostics: list[dict]) -> dict[str, list]:
+    """Columns keyed "<quantity>" (history) or "<quantity>/<layer>" (diagnostics).
+
+    History and diagnostics have their own epoch columns because they are logged on
+    different schedules. Conservation columns hold each hidden layer's mean |ratio - 1|
+    and the number of excluded neurons.
+    """
+    curves: dict[str, list] = {"epoch": [h["epoch"] for h in history]}
+    for key in ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "test_loss"):
+        curves[key] = [_round(h.get(key)) for h in history]
+    curves["diagnostics_epoch"] = [d["epoch"] for d in diagnostics]
+    columns: dict[str, list] = {}
+    for i, d in enumerate(diagnostics):
+        values = {}
+        for layer, v in d.get("weight_feedback_angle_deg", {}).items():
+            values[f"weight_feedback_angle_deg/{layer}"] = v
+        for layer, v in d.get("update_gradient_angle_deg", {}).items():
+            values[f"update_gradient_angle_deg/{layer}"] = v
+        for layer, c in (d.get("conservation") or {}).items():
+            values[f"conservation_deviation/{layer}"] = c["mean_abs_deviation"]
+            values[f"conservation_excluded/{layer}"] = c["excluded"]
+        for key, v in values.items():
+            columns.setdefault(key, [None] * len(diagnostics))[i] = _round(v)
+    curves.update(sorted(columns.items()))
+    return curves
 
 
 def _json_safe(obj):

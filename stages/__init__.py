@@ -26,6 +26,10 @@ def summary_path(profile: str) -> Path:
     return RESULTS / profile / "summary.json"
 
 
+NOT_RUN_FILE = "NOT_RUN.json"  # in a runs dir: this profile did not (could not) run it
+MISSING_FILE = "MISSING.json"  # in a prepared-data dir: the raw files were not available
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -7,24 +7,37 @@ from __future__ import annotations
 
 import argparse
 
-from stages import PREPARED, entry, log
+from pathlib import Path
+
+from stages import MISSING_FILE, PREPARED, entry, log
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.prepare")
     parser.add_argument("dataset")
     parser.add_argument("--out", default=None, help="default: data/prepared/<dataset>")
+    parser.add_argument("--optional", action="store_true",
+                        help="absent raw files are recorded (MISSING.json), not an error; the "
+                             "experiments that need them then show NOT RUN with the reason")
     args = parser.parse_args(argv)
 
     from bpfree.config import ConfigError, load_params
-    from bpfree.data import list_datasets, prepare_dataset, resolve_data_dir
+    from bpfree.data import MissingDataError, list_datasets, prepare_dataset, resolve_data_dir
+    from bpfree.provenance import atomic_write_json
 
     load_params()  # a bad params.yaml should fail here, before minutes of training
     if args.dataset not in list_datasets():
         raise ConfigError("dataset", args.dataset, "unknown dataset", list_datasets())
     out = args.out or str(PREPARED / args.dataset)
     raw = resolve_data_dir()
-    manifest = prepare_dataset(args.dataset, out, raw_dir=raw)
+    try:
+        manifest = prepare_dataset(args.dataset, out, raw_dir=raw)
+    except MissingDataError as exc:
+        if not args.optional:
+            raise
+        atomic_write_json(Path(out) / MISSING_FILE, {"dataset": args.dataset, "message": str(exc)})
+        log(f"{args.dataset}: NOT AVAILABLE, recorded in {Path(out) / MISSING_FILE}:\n{exc}")
+        return 0
     log(f"prepared {args.dataset} (variant {manifest.get('variant')}) from {raw} -> {out}")
     return 0
 

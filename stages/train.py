@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stages import PREPARED, checkpoints_dir, entry, log, runs_dir
+from stages import MISSING_FILE, NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log, runs_dir
 
 
 def existing_hashes(path) -> tuple[str | None, str | None]:
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     args = parser.parse_args(argv)
 
-    from bpfree.config import ConfigError, config_hash, load_params, run_configs
+    from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs
     from bpfree.data import load_prepared
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import code_hash, data_hash, select_device, train_run
@@ -39,6 +39,23 @@ def main(argv: list[str]) -> int:
     profile = args.profile or params["profile"]
     if profile not in params["profiles"]:
         raise ConfigError("profile", profile, "unknown profile", list(params["profiles"]))
+    out_dir, ckpt_dir = runs_dir(profile, args.experiment), checkpoints_dir(profile, args.experiment)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    not_run = out_dir / NOT_RUN_FILE
+    exp = resolve_experiment(params, args.experiment, profile)
+    if exp.get("skip"):
+        atomic_write_json(not_run, {"reason": exp["skip"], "profile": profile})
+        log(f"[{profile}] {args.experiment}: NOT RUN in this profile: {exp['skip']}")
+        return 0
+    missing = PREPARED / exp["dataset"] / MISSING_FILE
+    if missing.is_file():
+        # The pipeline goes on to the tables, which show NOT RUN with this message.
+        message = json.loads(missing.read_text())["message"]
+        atomic_write_json(not_run, {"reason": f"data missing: {message}", "profile": profile})
+        log(f"[{profile}] {args.experiment}: NOT RUN, {exp['dataset']} is missing:\n{message}")
+        return 0
+    not_run.unlink(missing_ok=True)
     runs = run_configs(params, args.experiment, profile)
     if args.rules:
         unknown = sorted(set(args.rules) - {r["rule"]["name"] for r in runs})
@@ -50,10 +67,6 @@ def main(argv: list[str]) -> int:
         runs = [r for r in runs if r["seed"] in args.seeds]
     if not runs:
         raise ConfigError("--seeds", args.seeds, f"no run of {args.experiment} matches")
-    out_dir, ckpt_dir = runs_dir(profile, args.experiment), checkpoints_dir(profile, args.experiment)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
     if runs[0]["device"] == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -75,7 +88,7 @@ def main(argv: list[str]) -> int:
         log(f"  {run['run_id']}: training (config {chash})")
         metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
         metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])
-        atomic_write_json(metrics_path, metrics)
+        atomic_write_json(metrics_path, metrics, compact=metrics.get("curves") is not None)
         log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "
             f"{metrics['wall_time_s']:.1f}s")
     return 0

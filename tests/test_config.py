@@ -34,8 +34,12 @@ def test_repo_params_are_valid():
     assert params["profile"] == "smoke", "plain `dvc repro` must stay the fast smoke profile"
     for exp in params["experiments"]:
         runs = run_configs(params, exp)
-        assert {r["run_id"] for r in runs} == {f"{rule}_seed{s}" for rule in params["experiments"][exp]["rules"]
-                                                for s in resolve_experiment(params, exp)["seeds"]}
+        resolved = resolve_experiment(params, exp)
+        sweep = resolved.get("sweep")
+        points = [""] if not sweep else [f"_{sweep['param'].rsplit('.', 1)[-1]}{v}" for v in sweep["values"]]
+        assert {r["run_id"] for r in runs} == {f"{rule}{p}_seed{s}" for rule in params["experiments"][exp]["rules"]
+                                                for s in resolved["seeds"] for p in points}
+        assert len({r["run_id"] for r in runs}) == len(runs)
 
 
 def test_unknown_rule(params):
