@@ -16,7 +16,7 @@ import yaml
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 PROVENANCE_KINDS = ("table", "repo-output", "figure", "qualitative")
-KINDS = ("absolute", "relative")
+KINDS = ("absolute", "relative", "comparison")
 PROFILES = ("smoke", "cpu", "gpu")
 PASS, FAIL, DIVERGED, NOT_RUN = "PASS", "FAIL", "DIVERGED", "NOT RUN"
 VERDICTS = (PASS, FAIL, DIVERGED, NOT_RUN)
@@ -27,6 +27,19 @@ METRICS = {
 }
 _REQUIRED = ("id", "paper", "provenance", "experiment", "dataset", "architecture", "metric",
              "kind", "profile", "shortened", "values", "tolerance_reason")
+# Per-run scalars the evaluate stage records (stages/evaluate.py run_scalars); a layer name
+# follows the slash, e.g. conservation_deviation/fc1.
+SCALARS = ("test_acc_pct", "test_error_pct", "final_train_acc_pct", "final_train_loss",
+           "final_test_loss")
+LAYER_SCALARS = ("conservation_deviation", "conservation_excluded", "weight_feedback_angle_deg",
+                 "update_gradient_angle_deg", "initial_conservation_deviation",
+                 "initial_weight_feedback_angle_deg", "initial_update_gradient_angle_deg")
+COMPARISON_BOUNDS = ("max", "min", "at_most", "at_least", "within", "closer_to")
+
+
+def known_metric(name: str) -> bool:
+    return name in METRICS or name in SCALARS or (
+        "/" in name and name.split("/", 1)[0] in LAYER_SCALARS and bool(name.split("/", 1)[1]))
 
 
 class ClaimsError(ValueError):
@@ -52,12 +65,21 @@ class Claim:
     checks: list[dict] = field(default_factory=list)
     # rule -> why it does not reproduce. The table still says FAIL; the claim test expects
     # exactly these failures, so a new failure (a regression) or a fixed one both show up.
+    # For comparison claims the keys are check labels (see check_label).
     known_failures: dict[str, str] = field(default_factory=dict)
+    statement: str = ""  # comparison claims: the paper's qualitative statement
 
     @property
     def rules(self) -> list[str]:
         if self.kind == "relative":
             return [self.reference_rule] + [c["rule"] for c in self.checks]
+        if self.kind == "comparison":
+            names = []
+            for c in self.checks:
+                for r in (c["rule"], (c.get("ref") or {}).get("rule"), c.get("closer_to"), c.get("than")):
+                    if r and r not in names:
+                        names.append(r)
+            return names
         return list(self.values)
 
     def tolerance_for(self, rule: str) -> float:
@@ -109,6 +131,8 @@ def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
     for i, c in enumerate(raw["claims"]):
         where = f"claims[{i}] ({c.get('id', '?') if isinstance(c, dict) else '?'})"
         _check(isinstance(c, dict), where, "must be a mapping")
+        if isinstance(c, dict) and c.get("kind") == "comparison":
+            c.setdefault("values", {})  # qualitative statements have no paper numbers
         for key in _REQUIRED:
             _check(key in c, where, f"missing field {key!r}")
         _check(c["id"] not in seen, where, "duplicate id")
@@ -117,17 +141,26 @@ def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
         prov = c["provenance"]
         _check(isinstance(prov, dict) and prov.get("kind") in PROVENANCE_KINDS and prov.get("source"),
                where, f"provenance needs kind in {PROVENANCE_KINDS} and a source")
-        _check(c["metric"] in METRICS, where, f"metric {c['metric']!r} not in {sorted(METRICS)}")
-        _check(c["kind"] in KINDS, where, f"kind {c['kind']!r} not in {KINDS}")
+        _check(c.get("kind") in KINDS, where, f"kind {c.get('kind')!r} not in {KINDS}")
+        if c["kind"] == "comparison":
+            c.setdefault("values", {})
+        _check(known_metric(c.get("metric", "")) if c["kind"] == "comparison" else c.get("metric") in METRICS,
+               where, f"metric {c.get('metric')!r} not in {sorted(METRICS)} (comparison claims may "
+                      f"also use {list(SCALARS)} or <{'|'.join(LAYER_SCALARS)}>/<layer>)")
         _check(c["profile"] in PROFILES, where, f"profile {c['profile']!r} not in {PROFILES}")
         _check(isinstance(c["shortened"], bool), where, "shortened must be true/false")
-        _check(isinstance(c["values"], dict) and c["values"]
+        _check(isinstance(c["values"], dict) and (c["values"] or c["kind"] == "comparison")
                and all(_number(v) for v in c["values"].values()), where, "values: rule -> number")
         _check(isinstance(c["tolerance_reason"], str) and c["tolerance_reason"].strip(), where,
                "every tolerance needs a reason")
         claim = Claim(**{k: c[k] for k in _REQUIRED},
                       tolerance=c.get("tolerance") or {}, reference_rule=c.get("reference_rule"),
-                      checks=c.get("checks") or [], known_failures=c.get("known_failures") or {})
+                      checks=c.get("checks") or [], known_failures=c.get("known_failures") or {},
+                      statement=" ".join(str(c.get("statement", "")).split()))
+        if claim.kind == "comparison":
+            _validate_comparison(claim, where)
+            claims.append(claim)
+            continue
         _check(isinstance(claim.known_failures, dict)
                and all(r in claim.values and isinstance(why, str) and why.strip()
                        for r, why in claim.known_failures.items()), where,
@@ -150,6 +183,49 @@ def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
                        "exactly one of within / at_least, a number >= 0")
         claims.append(claim)
     return papers, claims
+
+
+def check_label(chk: dict) -> str:
+    """A check's name in tables and known_failures: its id, or rule@point[ vs ref@point]."""
+    if chk.get("id"):
+        return str(chk["id"])
+    def point(rule, at, metric):
+        return f"{rule}" + (f"@{at}" if at is not None else "") + (f"[{metric}]" if metric else "")
+    label = point(chk["rule"], chk.get("at"), chk.get("metric"))
+    ref = chk.get("ref")
+    if ref:
+        label += " vs " + point(ref.get("rule", chk["rule"]), ref.get("at", chk.get("at")), ref.get("metric"))
+    if chk.get("closer_to"):
+        label += f" closer to {chk['closer_to']} than {chk['than']}"
+    return label
+
+
+def _validate_comparison(claim: Claim, where: str) -> None:
+    _check(bool(claim.statement), where, "comparison claims need the paper's statement")
+    _check(bool(claim.checks), where, "comparison claims need checks")
+    labels = []
+    for j, chk in enumerate(claim.checks):
+        w = f"{where}.checks[{j}]"
+        _check(isinstance(chk, dict) and isinstance(chk.get("rule"), str), w, "check needs a rule")
+        bounds = [k for k in COMPARISON_BOUNDS if k in chk]
+        _check(len(bounds) == 1, w, f"exactly one of {COMPARISON_BOUNDS}")
+        bound = bounds[0]
+        if bound == "closer_to":
+            _check(isinstance(chk.get("than"), str) and "ref" not in chk, w,
+                   "closer_to needs than: <rule> and no ref")
+        else:
+            _check(_number(chk[bound]), w, f"{bound} must be a number")
+            needs_ref = bound in ("at_most", "at_least", "within")
+            _check(needs_ref == isinstance(chk.get("ref"), dict), w,
+                   "at_most / at_least / within compare with a ref: {rule, at, metric}; "
+                   "max / min bound the value itself")
+        for m in (chk.get("metric"), (chk.get("ref") or {}).get("metric")):
+            _check(m is None or known_metric(m), w, f"unknown metric {m!r}")
+        labels.append(check_label(chk))
+    _check(len(set(labels)) == len(labels), where, "check labels must be unique (give an id)")
+    _check(isinstance(claim.known_failures, dict)
+           and all(k in labels and isinstance(v, str) and v.strip() for k, v in claim.known_failures.items()),
+           where, f"known_failures: check label (one of {labels}) -> non-empty reason")
 
 
 def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
@@ -183,9 +259,12 @@ class _RuleData:
     n: int = 0
     per_seed: dict = field(default_factory=dict)
     best_test: float | None = None
+    se: float | None = None
 
 
-def _rule_data(claim: Claim, rule: str, summaries: dict) -> _RuleData:
+def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = None) -> _RuleData:
+    """A rule's (or a "rule@sweep=value" entry's) numbers for this claim's metric."""
+    metric = metric or claim.metric
     summary = summaries.get(claim.profile)
     if summary is None:
         return _RuleData(NOT_RUN, f"no results/{claim.profile}/summary.json: profile "
@@ -193,6 +272,8 @@ def _rule_data(claim: Claim, rule: str, summaries: dict) -> _RuleData:
     exp = summary.get("experiments", {}).get(claim.experiment)
     if exp is None:
         return _RuleData(NOT_RUN, f"experiment {claim.experiment} absent from the {claim.profile} summary")
+    if exp.get("not_run"):
+        return _RuleData(NOT_RUN, f"{claim.experiment} not run in profile {claim.profile}: {exp['not_run']}")
     entry = exp.get("rules", {}).get(rule)
     if entry is None:
         return _RuleData(NOT_RUN, f"rule {rule} not run in {claim.experiment} ({claim.profile})")
@@ -203,7 +284,17 @@ def _rule_data(claim: Claim, rule: str, summaries: dict) -> _RuleData:
     missing = sorted(s for s, st in statuses.items() if st != "OK")
     if len(missing) == len(statuses):
         return _RuleData(NOT_RUN, f"no finished run ({', '.join(missing) or 'no seeds'})")
-    stats_key, transform = METRICS[claim.metric]
+    if metric not in METRICS or claim.kind == "comparison":  # per-run scalars
+        stats = (entry.get("scalar_stats") or {}).get(metric)
+        if not stats or stats.get("mean") is None:
+            return _RuleData(NOT_RUN, f"{rule} in {claim.experiment} ({claim.profile}) has no {metric}")
+        per_seed = {s: v for s, v in (entry.get("scalars") or {}).get(metric, {}).items()
+                    if v is not None and statuses.get(s) == "OK"}
+        reason = (f"INCOMPLETE: {len(per_seed)} of {len(statuses)} seeds ran "
+                  f"(missing {', '.join(missing)})") if missing else ""
+        return _RuleData("OK", reason=reason, mean=stats["mean"], std=stats["std"], n=stats["n"],
+                         per_seed=per_seed, se=stats.get("se"))
+    stats_key, transform = METRICS[metric]
     stats = entry[stats_key]
     per_seed = {s: transform(v) for s, v in entry["selected_test_acc"].items() if v is not None}
     best = entry.get("best_test_acc_test_selected_stats", {}).get("mean")
@@ -310,12 +401,92 @@ def _relative(claim: Claim, summaries: dict) -> list[Row]:
     return rows
 
 
+def _entry_key(claim: Claim, summaries: dict, rule: str, at) -> str:
+    if at is None:
+        return rule
+    exp = summaries.get(claim.profile, {}).get("experiments", {}).get(claim.experiment) or {}
+    param = (exp.get("sweep") or {}).get("param", "sweep")
+    return f"{rule}@{param.rsplit('.', 1)[-1]}={at}"
+
+
+def _comparison(claim: Claim, summaries: dict) -> list[Row]:
+    """Checks between rules, sweep points (at) and metrics of one experiment's runs."""
+    rows = []
+    for chk in claim.checks:
+        label = check_label(chk)
+        at = chk.get("at")
+
+        def data(rule, point, metric):
+            return _rule_data(claim, _entry_key(claim, summaries, rule, point), summaries,
+                              metric or claim.metric)
+
+        main = data(chk["rule"], at, chk.get("metric"))
+        others, extra = [], []
+        if chk.get("ref"):
+            ref = chk["ref"]
+            others.append(data(ref.get("rule", chk["rule"]), ref.get("at", at), ref.get("metric") or chk.get("metric")))
+        if chk.get("closer_to"):
+            others += [data(chk["closer_to"], at, chk.get("metric")), data(chk["than"], at, chk.get("metric"))]
+        everything = [main] + others
+        for d in everything:
+            if d.reason and d.reason not in extra:
+                extra.append(d.reason)
+        if label in claim.known_failures:
+            extra.append(f"KNOWN FAILURE: {claim.known_failures[label]}")
+        if any(d.status == DIVERGED for d in everything):
+            verdict, shown = DIVERGED, "—"
+        elif any(d.status == NOT_RUN for d in everything):
+            verdict, shown = NOT_RUN, "—"
+        else:
+            v = main.mean
+            if "max" in chk:
+                ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
+            elif "min" in chk:
+                ok, tol, shown = v >= chk["min"], f"≥ {chk['min']:g}", _pm(main)
+            elif "closer_to" in chk:
+                target, rival = others
+                gap, rival_gap = abs(v - target.mean), abs(rival.mean - target.mean)
+                ok = gap <= rival_gap
+                tol = f"|{chk['rule']} − {chk['closer_to']}| ≤ |{chk['than']} − {chk['closer_to']}|"
+                shown = f"{gap:.3g} vs {rival_gap:.3g}"
+                extra.append(f"{chk['rule']} {_pm(main)}, {chk['closer_to']} {_pm(target)}, "
+                             f"{chk['than']} {_pm(rival)}")
+            else:
+                diff = v - others[0].mean
+                bound = [k for k in ("at_most", "at_least", "within") if k in chk][0]
+                ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
+                      "within": abs(diff) <= chk.get("within", 0)}[bound]
+                sym = {"at_most": "≤", "at_least": "≥", "within": "|·| ≤"}[bound]
+                tol = f"difference {sym} {chk[bound]:g}"
+                shown = f"{_pm(main)} vs {_pm(others[0])} (diff {diff:+.3g})"
+            verdict = PASS if ok else FAIL
+        if verdict in (DIVERGED, NOT_RUN):
+            tol = "—"
+        n = min((d.n for d in everything if d.status == "OK"), default=0)
+        rows.append(Row(claim.id, label, claim.statement if not rows else "″", shown,
+                        str(n) if n else "—", tol, verdict, claim.profile,
+                        _variant(claim, summaries), _notes(claim, summaries, extra), main.mean))
+    return rows
+
+
+def _pm(d: _RuleData) -> str:
+    """mean ± standard error (the B-paper's error bars); one seed has no error bar."""
+    if d.mean is None:
+        return "—"
+    return f"{d.mean:.4g}" + (f" ± {d.se:.2g}" if d.n > 1 and d.se is not None else " (1 seed)")
+
+
 def evaluate_claim(claim: Claim, summaries: dict[str, dict]) -> ClaimResult:
     """Judge one claim against the summaries of every profile present."""
-    rows = _absolute(claim, summaries) if claim.kind == "absolute" else _relative(claim, summaries)
+    if claim.kind == "comparison":
+        rows = _comparison(claim, summaries)
+    else:
+        rows = _absolute(claim, summaries) if claim.kind == "absolute" else _relative(claim, summaries)
     verdict = _combine([r.verdict for r in rows])
     reason = ""
-    if verdict == NOT_RUN:
+    if verdict == NOT_RUN and claim.kind == "comparison":
+        reason = next((r.notes.split("; ", 1)[-1] for r in rows if r.verdict == NOT_RUN), "")
+    elif verdict == NOT_RUN:
         reasons = []
         for rule in claim.rules:
             r = _rule_data(claim, rule, summaries).reason
@@ -342,6 +513,12 @@ def claims_for_params(claims: list[Claim], params: dict[str, Any]) -> list[str]:
         for rule in c.rules:
             if rule not in exp["rules"]:
                 problems.append(f"{c.id}: rule {rule} not run by {c.experiment}")
+        if c.kind == "comparison":
+            values = [str(v) for v in (exp.get("sweep") or {}).get("values", [])]
+            for chk in c.checks:
+                for at in (chk.get("at"), (chk.get("ref") or {}).get("at")):
+                    if at is not None and str(at) not in values:
+                        problems.append(f"{c.id}: sweep point {at} not in {c.experiment}'s sweep {values}")
         if c.profile not in params["profiles"]:
             problems.append(f"{c.id}: profile {c.profile} not in params.yaml")
     return problems

@@ -12,16 +12,47 @@ import statistics
 
 import torch
 
-from stages import PREPARED, checkpoints_dir, entry, log, runs_dir, summary_path
+from stages import NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log, runs_dir, summary_path
 
 RECHECK_TOLERANCE = 1e-6  # percent points; same kernels and batch size => identical counts
 
 
 def _stats(values: list[float]) -> dict:
+    """Mean, sample std and standard error (std / sqrt(n), what the B-paper reports)."""
     if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        return {"mean": None, "std": None, "n": 0, "se": None}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values),
+            "se": std / len(values) ** 0.5}
+
+
+def run_scalars(metrics: dict) -> dict[str, float]:
+    """The per-run numbers claims and tables may use, flattened to "<quantity>[/<layer>]"."""
+    out = {}
+    acc = metrics.get("selected_test_acc")
+    if acc is not None:
+        out["test_acc_pct"], out["test_error_pct"] = acc, 100.0 - acc
+    history = metrics.get("history") or []
+    if history:
+        final = history[-1]
+        for key, name in (("train_acc", "final_train_acc_pct"), ("train_loss", "final_train_loss"),
+                          ("test_loss", "final_test_loss")):
+            if final.get(key) is not None:
+                out[name] = final[key]
+    diagnostics = metrics.get("diagnostics") or []
+    for prefix, diag in (("initial_", diagnostics[0] if diagnostics else None),
+                         ("", diagnostics[-1] if len(diagnostics) > 1 else None)):
+        if diag is None:
+            continue
+        for quantity in ("weight_feedback_angle_deg", "update_gradient_angle_deg"):
+            for layer, v in (diag.get(quantity) or {}).items():
+                if v is not None:
+                    out[f"{prefix}{quantity}/{layer}"] = v
+        for layer, c in (diag.get("conservation") or {}).items():
+            if c.get("mean_abs_deviation") is not None:
+                out[f"{prefix}conservation_deviation/{layer}"] = c["mean_abs_deviation"]
+            out[f"{prefix}conservation_excluded/{layer}"] = c.get("excluded")
+    return out
 
 
 def _read(path):
@@ -64,10 +95,21 @@ def summarise(params: dict, profile: str) -> dict:
     from bpfree.data import read_manifest
     from bpfree.training import data_hash
 
+    from bpfree.config import sweep_label
+
     summary = {"profile": profile, "experiments": {}, "mismatches": []}
     data_cache: dict = {}
     for exp_id in params["experiments"]:
         exp = resolve_experiment(params, exp_id, profile)
+        not_run = _read(runs_dir(profile, exp_id) / NOT_RUN_FILE)
+        reason = exp.get("skip") or (not_run or {}).get("reason")
+        if reason:
+            summary["experiments"][exp_id] = {
+                "dataset": exp["dataset"], "model": exp["model"]["name"], "not_run": reason,
+                "shortened": exp["shortened"], "deviations": exp["deviations"],
+                "epochs": exp["epochs"], "selection": exp["selection"],
+                "notes": " ".join((exp.get("notes") or "").split()), "rules": {}}
+            continue
         try:
             dhash = data_hash(read_manifest(PREPARED / exp["dataset"]))
         except Exception:  # noqa: BLE001 - no prepared data: trust the hash stored in the runs
@@ -76,11 +118,16 @@ def summarise(params: dict, profile: str) -> dict:
         variants = set()
         for run in run_configs(params, exp_id, profile):
             rule = run["rule"]["name"]
-            entry_ = rules.setdefault(rule, {"seeds": [], "status": {}, "selected_test_acc": {},
-                                             "final_test_acc": {}, "best_test_acc_test_selected": {},
-                                             "selected_epoch": {}, "mean_step_ms": {},
-                                             "checkpoint_check": {}, "code_hash": {},
-                                             "lr": run["optimizer"]["lr"]})
+            key = rule
+            if run.get("sweep"):  # one entry per (rule, sweep value): "fa@width=200"
+                key = f"{rule}@{sweep_label(run['sweep']['param'])}={run['sweep']['value']}"
+            entry_ = rules.setdefault(key, {"seeds": [], "status": {}, "selected_test_acc": {},
+                                            "final_test_acc": {}, "best_test_acc_test_selected": {},
+                                            "selected_epoch": {}, "mean_step_ms": {},
+                                            "checkpoint_check": {}, "code_hash": {},
+                                            "lr": run["optimizer"]["lr"], "scalars": {}})
+            if run.get("sweep"):
+                entry_.update(rule=rule, sweep_param=run["sweep"]["param"], sweep_value=run["sweep"]["value"])
             seed = str(run["seed"])
             entry_["seeds"].append(run["seed"])
             metrics = _read(runs_dir(profile, exp_id) / run["run_id"] / "metrics.json")
@@ -93,9 +140,11 @@ def summarise(params: dict, profile: str) -> dict:
                 continue
             entry_["status"][seed] = metrics["status"]
             variants.add(metrics["data"].get("variant"))
-            for key in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected",
-                        "selected_epoch", "mean_step_ms", "code_hash"):
-                entry_[key][seed] = metrics.get(key)
+            for field in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected",
+                          "selected_epoch", "mean_step_ms", "code_hash"):
+                entry_[field][seed] = metrics.get(field)
+            for name, value in run_scalars(metrics).items():
+                entry_["scalars"].setdefault(name, {})[seed] = value
             check = recheck(metrics, run, data_cache)
             entry_["checkpoint_check"][seed] = check
             if check.get("checked") and not check["match"]:
@@ -109,6 +158,8 @@ def summarise(params: dict, profile: str) -> dict:
                 e[key + "_stats"] = _stats(vals)
             e["test_error_stats"] = _stats([100.0 - e["selected_test_acc"][s] for s in ok
                                             if e["selected_test_acc"].get(s) is not None])
+            e["scalar_stats"] = {name: _stats([v[s] for s in ok if v.get(s) is not None])
+                                 for name, v in sorted(e["scalars"].items())}
             e["any_diverged"] = any(st == "DIVERGED" for st in e["status"].values())
             e["complete"] = all(st in ("OK", "DIVERGED") for st in e["status"].values())
         summary["experiments"][exp_id] = {
@@ -117,6 +168,7 @@ def summarise(params: dict, profile: str) -> dict:
             "selection": exp["selection"], "shortened": exp["shortened"],
             "deviations": exp["deviations"], "epochs": exp["epochs"],
             "notes": " ".join((exp.get("notes") or "").split()),
+            "sweep": exp.get("sweep"),
             "rules": rules,
         }
     return summary

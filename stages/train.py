@@ -27,6 +27,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", default=None, help="default: params.yaml's profile")
     parser.add_argument("--rules", nargs="*", help="only these rules (to shard runs over processes)")
     parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="reuse a finished run whose config hash matches even if the code hash "
+                             "changed (its metrics keep their own commit and code hash); for "
+                             "continuing a long sweep across commits")
     args = parser.parse_args(argv)
 
     from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs
@@ -82,6 +86,9 @@ def main(argv: list[str]) -> int:
         old_config, old_code = existing_hashes(metrics_path)
         if (old_config, old_code) == (chash, chash_code):
             log(f"  {run['run_id']}: up to date (config {chash}, code {chash_code}), skipped")
+            continue
+        if old_config == chash and args.keep_finished:
+            log(f"  {run['run_id']}: kept (config {chash}; ran with code {old_code}, now {chash_code})")
             continue
         if old_config == chash:
             log(f"  {run['run_id']}: code changed since it ran ({old_code} -> {chash_code})")

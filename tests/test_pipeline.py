@@ -18,10 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BPFREE_DATA_DIR", REPO.parent / "shared" / "data"))
 REL_TOL = 1e-5
 # Recomputed by the run under test, so never copied from the working tree.
-EXCLUDED = ("data/", "checkpoints/", ".venv/", "results/smoke/", "results/tables/", "results/README.md")
+EXCLUDED = ("data/", "checkpoints/", ".venv/", "results/smoke/", "results/tables/", "results/README.md",
+            "results/figures/")
 COMPARED = ("status", "diverged_epoch", "epochs_completed", "sizes", "selection", "selected_epoch",
             "selected_test_acc", "final_test_acc", "best_test_epoch", "best_test_acc_test_selected",
-            "config_hash", "history")
+            "config_hash", "history", "curves", "train_data_draw", "diagnostics")
 
 
 def working_tree_files() -> list[str]:
@@ -68,7 +69,7 @@ def test_smoke_pipeline_reproduces_committed_metrics(tmp_path):
     assert (work / "dvc.yaml").is_file() and (work / ".dvc" / "config").is_file()
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
 
-    env = {**os.environ, "BPFREE_DATA_DIR": str(DATA_DIR), "PYTHONPATH": str(work),
+    env = {**os.environ, "BPFREE_DATA_DIR": str(DATA_DIR), "PYTHONPATH": str(work), "BPFREE_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -87,6 +88,34 @@ def test_smoke_pipeline_reproduces_committed_metrics(tmp_path):
     for paper in papers:
         assert (work / "results" / "tables" / f"{paper}.md").is_file()
     assert "## Verdicts per paper" in (work / "results" / "README.md").read_text()
+    # Datasets absent offline are recorded, and the experiments needing them show NOT RUN.
+    for dataset in ("cifar100", "tiny_imagenet"):
+        if not (DATA_DIR / {"cifar100": "cifar-100-python", "tiny_imagenet": "tiny-imagenet-200"}[dataset]).exists():
+            assert (work / "data" / "prepared" / dataset / "MISSING.json").is_file()
+    summary = json.loads((work / "results" / "smoke" / "summary.json").read_text())
+    assert summary["experiments"]["B5_cifar100_lenet_k"]["not_run"].startswith("gpu profile only")
+
+
+def test_missing_optional_data_is_recorded_and_its_experiment_not_run(tmp_path):
+    """An optional dataset without files: prepare records why, train writes NOT RUN, exit 0."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BPFREE_DATA_DIR": str(tmp_path / "nothing-here"),
+           "BPFREE_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "cifar100", "--optional"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    missing = json.loads((tmp_path / "data" / "prepared" / "cifar100" / "MISSING.json").read_text())
+    assert str(tmp_path / "nothing-here") in missing["message"]
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "B5_cifar100_lenet_k", "--profile", "gpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "NOT RUN" in proc.stdout and "cifar-100-python" in proc.stdout
+    not_run = json.loads((tmp_path / "results" / "gpu" / "runs" / "B5_cifar100_lenet_k" / "NOT_RUN.json").read_text())
+    assert not_run["reason"].startswith("data missing:")
+    # Without --optional the same absence is an error (exit 2, one clear message).
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "cifar100"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 
 def test_stage_reports_missing_data_without_traceback(tmp_path):

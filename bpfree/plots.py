@@ -1,0 +1,152 @@
+"""Figures of the reproduced results, drawn from committed summaries and run files only.
+
+Why here and not in the trainer: a figure must be re-drawable from what is committed
+(results/<profile>/summary.json and runs/*/metrics.json) without re-running anything, and
+the same numbers feed the tables, so a figure cannot disagree with its table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Stable colours per rule so the same rule looks the same in every figure.
+RULE_COLOURS = {"bp": "black", "fa": "tab:red", "adafa": "tab:orange", "usf": "tab:blue",
+                "brsf": "tab:cyan", "frsf": "tab:purple", "dfa": "tab:green", "kp": "tab:brown",
+                "wm": "tab:pink"}
+PNG_METADATA = {"Software": None}  # no version stamp: same data, same bytes
+
+
+def sweep_series(summary: dict, experiment: str, metric: str) -> dict[str, list[tuple]]:
+    """rule -> [(sweep value, mean, standard error, n)] from a summary's "rule@p=v" entries."""
+    exp = summary.get("experiments", {}).get(experiment) or {}
+    series: dict[str, list[tuple]] = {}
+    for entry in exp.get("rules", {}).values():
+        if "sweep_value" not in entry:
+            continue
+        stats = (entry.get("scalar_stats") or {}).get(metric) or {}
+        if stats.get("mean") is None:
+            continue
+        series.setdefault(entry["rule"], []).append(
+            (entry["sweep_value"], stats["mean"], stats.get("se") or 0.0, stats["n"]))
+    for points in series.values():
+        points.sort(key=lambda p: p[0])
+    return series
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, metadata=PNG_METADATA, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path
+
+
+def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
+    """One line per rule: metric against the swept parameter, error bars = standard error."""
+    series = sweep_series(summary, spec["experiment"], spec["metric"])
+    if not series:
+        return None
+    param = (summary["experiments"][spec["experiment"]].get("sweep") or {}).get("param", "sweep")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
+    for rule, points in sorted(series.items()):
+        xs, ys, es = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=rule,
+                    color=RULE_COLOURS.get(rule))
+    if spec.get("log_y") and all(p[1] > 0 for pts in series.values() for p in pts):
+        ax.set_yscale("log")
+    n = sorted({p[3] for pts in series.values() for p in pts})
+    ax.set_xlabel(param.rsplit(".", 1)[-1])
+    ax.set_ylabel(spec.get("ylabel", spec["metric"]))
+    ax.set_title(f"{spec['experiment']} ({spec['profile']}, n = {'/'.join(map(str, n))} repeats)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _run_curve(metrics: dict, column: str) -> tuple[list, list]:
+    """(epochs, values) of one diagnostics column, from compact curves or the full lists."""
+    curves = metrics.get("curves")
+    if curves and column in curves:
+        return curves["diagnostics_epoch"], curves[column]
+    quantity, _, layer = column.partition("/")
+    epochs, values = [], []
+    for d in metrics.get("diagnostics") or []:
+        if quantity == "conservation_deviation":
+            v = ((d.get("conservation") or {}).get(layer) or {}).get("mean_abs_deviation")
+        else:
+            v = (d.get(quantity) or {}).get(layer)
+        epochs.append(d["epoch"])
+        values.append(v)
+    return epochs, values
+
+
+def mean_curves(runs_dir: Path, column: str, at=None) -> dict[str, tuple[list, list]]:
+    """rule -> (epochs, mean over repeats) of a diagnostics column at one sweep point."""
+    per_rule: dict[str, dict[int, list[float]]] = {}
+    for path in sorted(Path(runs_dir).glob("*/metrics.json")):
+        with open(path) as fh:
+            m = json.load(fh)
+        if m.get("status") != "OK":
+            continue
+        sweep = (m.get("config") or {}).get("sweep")
+        if at is not None and (sweep is None or str(sweep["value"]) != str(at)):
+            continue
+        rule = m["config"]["rule"]["name"]
+        for e, v in zip(*_run_curve(m, column)):
+            if v is not None and math.isfinite(v):
+                per_rule.setdefault(rule, {}).setdefault(e, []).append(v)
+    return {rule: (sorted(by_epoch), [statistics.fmean(by_epoch[e]) for e in sorted(by_epoch)])
+            for rule, by_epoch in per_rule.items()}
+
+
+def plot_curves(results_dir: Path, spec: dict, path: Path) -> Path | None:
+    """Grid: one row per column (quantity), one panel per sweep point; a line per rule."""
+    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    points = spec.get("at") or [None]
+    columns = spec["columns"]
+    data = {(c, a): mean_curves(runs_dir, c, a) for c in columns for a in points}
+    if not any(data.values()):
+        return None
+    fig, axes = plt.subplots(len(columns), len(points), figsize=(4.2 * len(points), 3.0 * len(columns)), layout="constrained",
+                             squeeze=False)
+    for i, column in enumerate(columns):
+        for j, at in enumerate(points):
+            ax = axes[i][j]
+            for rule, (xs, ys) in sorted(data[(column, at)].items()):
+                ax.plot(xs, ys, label=rule, color=RULE_COLOURS.get(rule), lw=1.2)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel((spec.get("ylabels") or columns)[i], fontsize=8)
+            if at is not None:
+                ax.set_title(f"width {at}" if "width" in spec["experiment"] else f"{at}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over repeats", fontsize=9)
+    return _save(fig, path)
+
+
+def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | None, str]:
+    """Draw one figure spec; returns (path or None, why not drawn)."""
+    path = Path(results_dir) / "figures" / f"{spec['name']}.png"
+    summary = summaries.get(spec["profile"])
+    if summary is None:
+        return None, f"profile {spec['profile']} has no committed summary"
+    exp = summary.get("experiments", {}).get(spec["experiment"])
+    if exp is None:
+        return None, f"{spec['experiment']} absent from the {spec['profile']} summary"
+    if exp.get("not_run"):
+        return None, f"NOT RUN: {exp['not_run']}"
+    drawn = plot_sweep(summary, spec, path) if spec["kind"] == "sweep" else plot_curves(results_dir, spec, path)
+    if drawn is None:
+        path.unlink(missing_ok=True)  # no stale figure of runs that are gone
+        return None, "no finished runs yet"
+    return drawn, ""
