@@ -12,6 +12,8 @@ error is sent to the layer's input:
     brsf/frsf:  B = |M| o sign(W)
     kp:         B = trainable feedback; dL/dW = dW_local + d*W, dL/dB = dW_local + d*B
     dfa:        the layer's input receives B_l e (e = dL/d(output)) and no W at all
+    backman:    B = W, but each output neuron's error is scaled by c_i = 1 / ||dL/dW_i||
+                (alpha = 1) before it is sent down and before the weight gradient is formed
 
 The weight gradient is the true local one (error x input) for every rule, and the bias
 gradient the summed error.
@@ -236,6 +238,13 @@ def _close(actual, expected, what):
 
 
 def _check_rule_grads(rule, layer, handle, weight_at_apply, x, grad_out, grad_input_ref, local):
+    if rule == "backman":
+        c = 1.0 / local.flatten(1).norm(dim=1)
+        shape = (-1, 1, 1) if local.dim() == 4 else ()
+        scaled = grad_out * c.reshape(*shape) if shape else grad_out * c
+        _close(x.grad, grad_input_ref(layer.weight.detach(), scaled), "input gradient (normalised signal)")
+        _close(layer.weight.grad, local * c.reshape(-1, *([1] * (local.dim() - 1))), "weight gradient")
+        return
     if rule == "dfa":
         expected_gx = dfa_grad_input(layer, grad_out, x)
     else:
@@ -265,7 +274,8 @@ def test_linear_matches_reference(rule, case, bias, seed):
     b = None if layer.bias is None else layer.bias.detach()
     _close(y.detach(), ref_linear_forward(x.detach(), w, b), "forward")
     local = ref_linear_grad_weight(grad_out, x.detach())
-    _check_rule_grads(rule, layer, handle, w0, x, grad_out, lambda fb: ref_linear_grad_input(grad_out, fb), local)
+    _check_rule_grads(rule, layer, handle, w0, x, grad_out,
+                      lambda fb, g=grad_out: ref_linear_grad_input(g, fb), local)
     if bias:
         _close(layer.bias.grad, grad_out.reshape(-1, fout).sum(0), "bias gradient")
     else:
@@ -287,7 +297,7 @@ def test_conv2d_matches_reference(rule, case, bias, seed):
     _close(y.detach(), ref.forward(x.detach(), w, b), "forward")
     local = ref.grad_weight(grad_out, x.detach(), w.shape)
     _check_rule_grads(
-        rule, layer, handle, w0, x, grad_out, lambda fb: ref.grad_input(grad_out, fb, x.shape), local
+        rule, layer, handle, w0, x, grad_out, lambda fb, g=grad_out: ref.grad_input(g, fb, x.shape), local
     )
     if bias:
         _close(layer.bias.grad, grad_out.sum((0, 2, 3)), "bias gradient")

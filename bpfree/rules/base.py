@@ -126,6 +126,9 @@ class Rule:
     _draws = 0
 
     # --- per-layer hooks -------------------------------------------------------------
+    def check_layers(self, layers: list[nn.Module]) -> None:
+        """Reject options that do not fit this model (e.g. one value per layer, miscounted)."""
+
     def convert_layer(self, layer: nn.Module, index: int) -> None:
         """Create the per-layer state (buffers/parameters) the rule needs."""
 
@@ -268,6 +271,7 @@ def apply_rule(model: nn.Module, name: str, **options) -> RuleHandle:
             f"rule {name!r} found nothing to convert in {type(model).__name__}: it converts "
             "nn.Linear and nn.Conv2d layers (and subclasses)"
         )
+    rule.check_layers([m for _, m in layers])  # before any change: a bad option leaves no trace
     for index, (_, layer) in enumerate(layers):
         original = type(layer)
         layer._bpfree_original_class = original
