@@ -30,11 +30,12 @@ _REQUIRED = ("id", "paper", "provenance", "experiment", "dataset", "architecture
 # Per-run scalars the evaluate stage records (stages/evaluate.py run_scalars); a layer name
 # follows the slash, e.g. conservation_deviation/fc1.
 SCALARS = ("test_acc_pct", "test_error_pct", "final_train_acc_pct", "final_train_loss",
-           "final_test_loss")
+           "final_test_loss", "mean_task_acc_pct")
 LAYER_SCALARS = ("conservation_deviation", "conservation_excluded", "weight_feedback_angle_deg",
                  "update_gradient_angle_deg", "initial_conservation_deviation",
-                 "initial_weight_feedback_angle_deg", "initial_update_gradient_angle_deg")
-COMPARISON_BOUNDS = ("max", "min", "at_most", "at_least", "within", "closer_to")
+                 "initial_weight_feedback_angle_deg", "initial_update_gradient_angle_deg",
+                 "task_drop_pct")  # task_drop_pct/<t>: accuracy change of task t by the end
+COMPARISON_BOUNDS = ("max", "min", "at_most", "at_least", "within", "closer_to", "target")
 
 
 def known_metric(name: str) -> bool:
@@ -213,6 +214,9 @@ def _validate_comparison(claim: Claim, where: str) -> None:
         if bound == "closer_to":
             _check(isinstance(chk.get("than"), str) and "ref" not in chk, w,
                    "closer_to needs than: <rule> and no ref")
+        elif bound == "target":
+            _check(_number(chk["target"]) and _number(chk.get("tolerance")) and chk["tolerance"] >= 0
+                   and "ref" not in chk, w, "target (the paper's number) needs tolerance >= 0 and no ref")
         else:
             _check(_number(chk[bound]), w, f"{bound} must be a number")
             needs_ref = bound in ("at_most", "at_least", "within")
@@ -443,6 +447,10 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
                 ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
             elif "min" in chk:
                 ok, tol, shown = v >= chk["min"], f"≥ {chk['min']:g}", _pm(main)
+            elif "target" in chk:
+                ok = abs(v - chk["target"]) <= chk["tolerance"]
+                tol, shown = f"{chk['target']:g} ± {chk['tolerance']:g}", _pm(main)
+                extra.append(f"diff {v - chk['target']:+.2f}")
             elif "closer_to" in chk:
                 target, rival = others
                 gap, rival_gap = abs(v - target.mean), abs(rival.mean - target.mean)
@@ -463,7 +471,8 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
         if verdict in (DIVERGED, NOT_RUN):
             tol = "—"
         n = min((d.n for d in everything if d.status == "OK"), default=0)
-        rows.append(Row(claim.id, label, claim.statement if not rows else "″", shown,
+        paper_text = f"{chk['target']:g}" if "target" in chk else (claim.statement if not rows else "″")
+        rows.append(Row(claim.id, label, paper_text, shown,
                         str(n) if n else "—", tol, verdict, claim.profile,
                         _variant(claim, summaries), _notes(claim, summaries, extra), main.mean))
     return rows

@@ -17,7 +17,7 @@ import yaml
 
 PARAMS_FILE = "params.yaml"
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("multistep", "none")
+SCHEDULES = ("multistep", "step", "none")
 SELECTIONS = ("best_val", "final")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -25,7 +25,7 @@ DEVICES = ("cpu", "cuda", "auto")
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
-    "train_data", "skip",
+    "train_data", "skip", "model_options",
 )
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
@@ -37,7 +37,7 @@ EXPERIMENT_KEYS = {
     "dataset": True, "model": True, "rules": True, "optimizer": True, "schedule": True,
     "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
     "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
-    "tuning": False, "sweep": False, "train_data": False, "log_every": False,
+    "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
 }
 TOP_KEYS = {"profile": True, "datasets": True, "optional_datasets": False, "experiments": True,
             "profiles": True}
@@ -217,8 +217,15 @@ def _validate_optimizer(o, path) -> None:
 
 def _validate_schedule(s, path) -> None:
     _mapping(s, path)
-    _keys(s, {"name": True, "milestones": False, "gamma": False}, path)
+    _keys(s, {"name": True, "milestones": False, "gamma": False, "step_size": False}, path)
     name = _choice(s["name"], f"{path}.name", SCHEDULES)
+    if name == "step":
+        if "step_size" not in s:
+            raise ConfigError(f"{path}.step_size", None, "missing required key")
+        _int(s["step_size"], f"{path}.step_size", 1)
+        gamma = s.get("gamma", 0.1)
+        if not _is_num(gamma) or not 0 < gamma <= 1:
+            raise ConfigError(f"{path}.gamma", gamma, "must be a number in (0, 1]")
     if name == "multistep":
         if "milestones" not in s:
             raise ConfigError(f"{path}.milestones", None, "missing required key")
@@ -244,7 +251,17 @@ def _validate_experiment(exp, path, ctx) -> None:
     _int(exp.get("data_seed", 0), f"{path}.data_seed", 0)
     pre = exp.get("preprocess", {}) or {}
     _mapping(pre, f"{path}.preprocess")
-    _keys(pre, {"normalize": False, "resize": False}, f"{path}.preprocess")
+    _keys(pre, {"normalize": False, "resize": False, "crop_padding": False, "flip": False},
+          f"{path}.preprocess")
+    _int(pre.get("crop_padding", 0), f"{path}.preprocess.crop_padding", 0)
+    _bool(pre.get("flip", False), f"{path}.preprocess.flip")
+    if exp.get("continual") is not None:
+        c = _mapping(exp["continual"], f"{path}.continual")
+        _keys(c, {"tasks": True, "classes_per_task": True}, f"{path}.continual")
+        _int(c["tasks"], f"{path}.continual.tasks", 2)
+        _int(c["classes_per_task"], f"{path}.continual.classes_per_task", 2)
+        if exp.get("train_data") or exp.get("sweep"):
+            raise ConfigError(f"{path}.continual", c, "cannot be combined with train_data or sweep")
     _bool(pre.get("normalize", True), f"{path}.preprocess.normalize")
     if pre.get("resize") is not None:
         _int(pre["resize"], f"{path}.preprocess.resize", 1)
@@ -352,6 +369,8 @@ def _validate_override(o, path) -> None:
         _sweep_values(o["sweep_values"], f"{path}.sweep_values")
     if "train_data" in o:
         _mapping(o["train_data"], f"{path}.train_data")
+    if "model_options" in o:
+        _mapping(o["model_options"], f"{path}.model_options")
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
@@ -406,6 +425,12 @@ def validate_params(params: Any) -> dict:
 
 def _check_resolved(exp: dict, path: str) -> None:
     """Cross-field checks that only make sense once a profile's overrides are applied."""
+    from bpfree.models import model_options
+    valid = model_options(exp["model"]["name"])
+    for key, value in exp["model"]["options"].items():
+        if key not in valid:
+            raise ConfigError(f"{path}.model_options.{key}", value,
+                              f"unknown option of model {exp['model']['name']!r}", sorted(valid))
     epochs = exp["epochs"]
     for m in exp["schedule"].get("milestones", []) if exp["schedule"]["name"] == "multistep" else []:
         if m > epochs:
@@ -451,7 +476,10 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
     deviations = []
     for key in ("epochs", "seeds", "val_size", "batch_size"):
         if key in override and override[key] != exp[key]:
-            deviations.append(f"{key} {override[key]} (protocol {exp[key]})")
+            if key == "seeds" and len(exp[key]) > 6:
+                deviations.append(f"{len(override[key])} seeds (protocol {len(exp[key])})")
+            else:
+                deviations.append(f"{key} {override[key]} (protocol {exp[key]})")
             exp[key] = override[key]
     if "milestones" in override:
         if exp["schedule"]["name"] != "multistep":
@@ -498,6 +526,12 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
     exp["skip"] = override.get("skip")
     exp["model"].setdefault("options", {})
     exp["model"]["options"] = exp["model"]["options"] or {}
+    if override.get("model_options"):
+        merged = {**exp["model"]["options"], **override["model_options"]}
+        if merged != exp["model"]["options"]:
+            deviations.append(f"model options {override['model_options']} (protocol "
+                              f"{ {k: exp['model']['options'].get(k) for k in override['model_options']} })")
+        exp["model"]["options"] = merged
     exp["optimizer"] = {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False, **exp["optimizer"]}
     if exp["schedule"]["name"] == "multistep":
         exp["schedule"].setdefault("gamma", 0.1)

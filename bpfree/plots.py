@@ -134,6 +134,36 @@ def plot_curves(results_dir: Path, spec: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_task_matrix(results_dir: Path, spec: dict, path: Path) -> Path | None:
+    """Mean test accuracy on task t (column) after learning task i (row), one panel per rule."""
+    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    per_rule: dict[str, list] = {}
+    for file in sorted(runs_dir.glob("*/metrics.json")):
+        with open(file) as fh:
+            m = json.load(fh)
+        if m.get("status") == "OK" and m.get("task_accuracy"):
+            per_rule.setdefault(m["config"]["rule"]["name"], []).append(m["task_accuracy"])
+    if not per_rule:
+        return None
+    rules = sorted(per_rule)
+    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules), 3.2), layout="constrained",
+                             squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        mats = per_rule[rule]
+        k = len(mats[0])
+        mean = [[statistics.fmean(m[i][t] for m in mats) for t in range(k)] for i in range(k)]
+        image = ax.imshow(mean, vmin=0, vmax=100, cmap="viridis")
+        for i in range(k):
+            for t in range(k):
+                ax.text(t, i, f"{mean[i][t]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if mean[i][t] < 60 else "black")
+        ax.set_xticks(range(k), [f"T{t + 1}" for t in range(k)])
+        ax.set_yticks(range(k), [f"after T{i + 1}" for i in range(k)])
+        ax.set_title(f"{rule} ({len(mats)} seeds)", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test accuracy %")
+    return _save(fig, path)
+
+
 def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | None, str]:
     """Draw one figure spec; returns (path or None, why not drawn)."""
     path = Path(results_dir) / "figures" / f"{spec['name']}.png"
@@ -145,7 +175,10 @@ def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | 
         return None, f"{spec['experiment']} absent from the {spec['profile']} summary"
     if exp.get("not_run"):
         return None, f"NOT RUN: {exp['not_run']}"
-    drawn = plot_sweep(summary, spec, path) if spec["kind"] == "sweep" else plot_curves(results_dir, spec, path)
+    drawers = {"sweep": lambda: plot_sweep(summary, spec, path),
+               "curve": lambda: plot_curves(results_dir, spec, path),
+               "task_matrix": lambda: plot_task_matrix(results_dir, spec, path)}
+    drawn = drawers[spec["kind"]]()
     if drawn is None:
         path.unlink(missing_ok=True)  # no stale figure of runs that are gone
         return None, "no finished runs yet"

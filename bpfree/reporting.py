@@ -35,13 +35,10 @@ def claims_table(results: list[ClaimResult]) -> str:
 
 def sweep_table(summary: dict | None, spec: dict) -> str:
     """Rows = sweep values, columns = rules, cells = mean ± standard error (n repeats)."""
-    exp = (summary or {}).get("experiments", {}).get(spec["experiment"])
-    if summary is None:
-        return f"_NOT RUN: profile {spec['profile']} has no committed summary_"
-    if exp is None:
-        return f"_NOT RUN: {spec['experiment']} absent from the {spec['profile']} summary_"
-    if exp.get("not_run"):
-        return f"_NOT RUN in profile {spec['profile']}: {_md(exp['not_run'])}_"
+    missing = _not_run_text(summary, spec)
+    if missing:
+        return missing
+    exp = summary["experiments"][spec["experiment"]]
     digits = int(spec.get("digits", 2))
     cells: dict = {}
     rules: list[str] = []
@@ -63,6 +60,43 @@ def sweep_table(summary: dict | None, spec: dict) -> str:
     label = (exp.get("sweep") or {}).get("param", "sweep").rsplit(".", 1)[-1]
     rows = [[v] + [cells.get((v, r), "—") for r in rules] for v in values]
     return tabulate(rows, headers=[label] + rules, tablefmt="github", disable_numparse=True)
+
+
+SPREADS = {"se": ("standard error", lambda st: st["se"]), "std": ("std", lambda st: st["std"]),
+           "half_std": ("half std", lambda st: st["std"] / 2)}
+
+
+def _not_run_text(summary: dict | None, spec: dict) -> str | None:
+    exp = (summary or {}).get("experiments", {}).get(spec["experiment"])
+    if summary is None:
+        return f"_NOT RUN: profile {spec['profile']} has no committed summary_"
+    if exp is None:
+        return f"_NOT RUN: {spec['experiment']} absent from the {spec['profile']} summary_"
+    if exp.get("not_run"):
+        return f"_NOT RUN in profile {spec['profile']}: {_md(exp['not_run'])}_"
+    return None
+
+
+def metric_table(summary: dict | None, spec: dict) -> str:
+    """Rows = rules, columns = metrics, cells = mean ± spread over seeds (n/total when partial)."""
+    missing = _not_run_text(summary, spec)
+    if missing:
+        return missing
+    exp = summary["experiments"][spec["experiment"]]
+    digits = int(spec.get("digits", 2))
+    _, spread = SPREADS[spec.get("spread", "se")]
+    rows = []
+    for rule, entry in exp.get("rules", {}).items():
+        row, total = [rule], len(entry.get("status", {}))
+        for metric in spec["metrics"]:
+            st = (entry.get("scalar_stats") or {}).get(metric) or {}
+            if st.get("mean") is None:
+                row.append("—")
+                continue
+            text = f"{st['mean']:.{digits}f}" + (f" ± {spread(st):.{digits}f}" if st["n"] > 1 else "")
+            row.append(text + ("" if st["n"] == total else f" ({st['n']}/{total})"))
+        rows.append(row)
+    return tabulate(rows, headers=["rule"] + list(spec["metrics"]), tablefmt="github", disable_numparse=True)
 
 
 def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: dict | None = None,
@@ -89,6 +123,13 @@ def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: di
             lines.append(f"- verdict reason: {res.reason}")
         lines.append("")
     lines += ["## Table", "", claims_table(results), ""]
+    if meta.get("metric_tables"):
+        lines += ["## Results by rule", ""]
+        for spec in meta["metric_tables"]:
+            label = SPREADS[spec.get("spread", "se")][0]
+            lines += [f"### {spec['title']}", "",
+                      f"`{spec['experiment']}`, profile `{spec['profile']}`; mean ± {label} over seeds", "",
+                      metric_table((summaries or {}).get(spec["profile"]), spec), ""]
     if meta.get("sweep_tables"):
         lines += ["## Results by sweep", "",
                   "Mean ± standard error over repeats; (k/n) marks cells where only k of n "

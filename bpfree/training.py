@@ -82,6 +82,29 @@ class DeviceImages:
         return (x - self.mean) / self.std if self.normalize else x
 
 
+def augment_batch(x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per sample, batched on x's device.
+
+    Same as torchvision's RandomCrop(size, padding) / RandomHorizontalFlip on raw images
+    (the padding is black, before normalisation), without a Python loop over samples.
+    """
+    n, _, h, w = x.shape
+    if crop_padding:
+        p = crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
 def _as_index(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.long)
 
@@ -161,6 +184,9 @@ def build_scheduler(optimizer, cfg: dict):
     if cfg["name"] == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["milestones"],
                                                     gamma=cfg.get("gamma", 0.1))
+    if cfg["name"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["step_size"],
+                                               gamma=cfg.get("gamma", 0.1))
     return None
 
 
@@ -275,7 +301,12 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     bs = int(run["batch_size"])
     # Full-batch training (the implicit-regularisation protocols): no shuffling, the
     # normalised training set is built once, and the alignment diagnostics reuse the step.
-    full_batch = bs >= n
+    crop_padding = int(run["preprocess"].get("crop_padding", 0) or 0)
+    flip = bool(run["preprocess"].get("flip", False))
+    augment_gen = None
+    if crop_padding or flip:
+        augment_gen = torch.Generator(device=device).manual_seed(seed + 1)  # own stream
+    full_batch = bs >= n and augment_gen is None
     x_full = images.prepare(images.x_train) if full_batch else None
 
     diag_cfg = run.get("diagnostics") or {}
@@ -320,7 +351,10 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                 xb, yb = x_full, images.y_train
             else:
                 idx = perm[i:i + bs]
-                xb, yb = images.prepare(images.x_train[idx]), images.y_train[idx]
+                xb, yb = images.x_train[idx], images.y_train[idx]
+                if augment_gen is not None:
+                    xb = augment_batch(xb, crop_padding, flip, augment_gen)
+                xb = images.prepare(xb)
             optimizer.zero_grad(set_to_none=True)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -404,7 +438,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 
 
 # Sources whose change can change a run's numbers (the train stage's code deps in dvc.yaml).
-CODE_SOURCES = ("__init__.py", "config.py", "training.py", "metrics.py", "models.py", "rules", "data")
+CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "metrics.py", "models.py",
+                "rules", "data")
 
 
 def code_hash() -> str:

@@ -28,7 +28,7 @@ def _stats(values: list[float]) -> dict:
 
 def run_scalars(metrics: dict) -> dict[str, float]:
     """The per-run numbers claims and tables may use, flattened to "<quantity>[/<layer>]"."""
-    out = {}
+    out = dict(metrics.get("scalars") or {})  # e.g. the forgetting benchmark's per-task drops
     acc = metrics.get("selected_test_acc")
     if acc is not None:
         out["test_acc_pct"], out["test_error_pct"] = acc, 100.0 - acc

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs
     from bpfree.data import load_prepared
     from bpfree.provenance import atomic_write_json, git_info
+    from bpfree.continual import train_continual
     from bpfree.training import code_hash, data_hash, select_device, train_run
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
@@ -93,7 +94,10 @@ def main(argv: list[str]) -> int:
         if old_config == chash:
             log(f"  {run['run_id']}: code changed since it ran ({old_code} -> {chash_code})")
         log(f"  {run['run_id']}: training (config {chash})")
-        metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
+        if run.get("continual"):
+            metrics = train_continual(run, data, device, log=log)
+        else:
+            metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
         metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])
         atomic_write_json(metrics_path, metrics, compact=metrics.get("curves") is not None)
         log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "

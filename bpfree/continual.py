@@ -1,0 +1,128 @@
+"""Class-incremental task sequences (Split-MNIST) for any rule: the forgetting benchmark.
+
+Protocol (BackMAN, claims.md C1): a seeded class permutation cut into tasks of two classes,
+ONE shared output head (labels are the position within the task's pair), each task's
+training images split 80/20 into train/val, a fresh optimiser and scheduler per task, and
+after every task the test accuracy on every task. Forgetting of task t is its accuracy at
+the end minus its accuracy right after it was learnt. The task order is drawn from the
+run seed, so each repeat sees another order and every rule the same one.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bpfree.data import split_mnist_tasks, task_subset, train_val_split
+from bpfree.models import build_model
+from bpfree.provenance import environment_info, git_info
+from bpfree.rules import apply_rule
+from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_safe, augment_batch,
+                             build_optimizer, build_scheduler, data_hash, evaluate_split,
+                             seed_everything, set_determinism)
+
+VAL_FRACTION = 0.2
+
+
+def task_images(data, classes, seed: int, device) -> DeviceImages:
+    """One task's images on the device: its classes only, labels 0..k-1, 80/20 train/val."""
+    x_all, y_all = task_subset(torch.arange(len(data.y_train)), data.y_train.cpu(), classes)
+    x_test_idx, y_test = task_subset(torch.arange(len(data.y_test)), data.y_test.cpu(), classes)
+    tr, va = train_val_split(len(y_all), VAL_FRACTION, seed)
+    channels = data.x_train.shape[1]
+    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+    std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+
+    def take(x, idx):
+        return x[idx.to(x.device)].to(device)
+    return DeviceImages(take(data.x_train, x_all[tr]), y_all[tr].to(device),
+                        take(data.x_train, x_all[va]), y_all[va].to(device),
+                        take(data.x_test, x_test_idx), y_test.to(device), mean, std, True, len(classes),
+                        {"classes": list(classes)})
+
+
+def train_continual(run: dict, data, device, *, log=None) -> dict:
+    """Train one (rule, seed) run through the task sequence; returns its metrics dict."""
+    wall0 = time.perf_counter()
+    device = torch.device(device)
+    set_determinism(run.get("threads"))
+    seed = int(run["seed"])
+    spec = run["continual"]
+    tasks = split_mnist_tasks(seed, num_classes=int(data.num_classes), num_tasks=spec["tasks"]) \
+        if spec["classes_per_task"] == 2 else None
+    if tasks is None:
+        raise ValueError("only tasks of 2 classes are implemented (Split-MNIST)")
+    per_task = [task_images(data, classes, seed, device) for classes in tasks]
+    seed_everything(seed)
+    model = build_model(run["model"]["name"], num_classes=spec["classes_per_task"],
+                        **run["model"]["options"]).to(device)
+    handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
+    order_gen = torch.Generator().manual_seed(seed)
+    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
+    flip = bool(run["preprocess"].get("flip", False))
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop or flip else None
+    bs = int(run["batch_size"])
+    matrix: list[list[float]] = []  # matrix[i][t]: test accuracy on task t after learning task i
+    history, status, diverged = [], STATUS_OK, None
+    for task_index, images in enumerate(per_task):
+        optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task
+        scheduler = build_scheduler(optimizer, run["schedule"])
+        n = len(images.y_train)
+        for epoch in range(1, int(run["epochs"]) + 1):
+            perm = torch.randperm(n, generator=order_gen).to(device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            lr = optimizer.param_groups[0]["lr"]
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                xb, yb = images.x_train[idx], images.y_train[idx]
+                if augment_gen is not None:
+                    xb = augment_batch(xb, crop, flip, augment_gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(images.prepare(xb)), yb)
+                loss.backward()
+                optimizer.step()
+                handle.after_step()
+                loss_sum += loss.detach().double() * len(idx)
+            train_loss = (loss_sum / n).item()
+            if not math.isfinite(train_loss):
+                status, diverged = STATUS_DIVERGED, {"task": task_index + 1, "epoch": epoch}
+                break
+            if scheduler is not None:
+                scheduler.step()
+            if epoch == int(run["epochs"]):
+                val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
+                history.append({"task": task_index + 1, "epoch": epoch, "lr": lr,
+                                "train_loss": train_loss, "val_acc": val_acc})
+        if status != STATUS_OK:
+            break
+        row = [evaluate_split(model, t, t.x_test, t.y_test)[0] for t in per_task]
+        matrix.append(row)
+        if log:
+            log(f"  after task {task_index + 1} {tasks[task_index]}: " +
+                " ".join(f"{a:.1f}" for a in row[: task_index + 1]))
+    counts = dict(handle.counts)
+    handle.remove()
+    scalars, final = {}, None
+    if status == STATUS_OK:
+        last = matrix[-1]
+        final = statistics.fmean(last)
+        scalars["mean_task_acc_pct"] = final
+        for t in range(len(tasks) - 1):
+            scalars[f"task_drop_pct/{t + 1}"] = last[t] - matrix[t][t]
+    manifest = getattr(data, "manifest", {}) or {}
+    return _json_safe({
+        "status": status, "diverged_epoch": diverged, "history": history,
+        "tasks": [list(t) for t in tasks], "task_accuracy": matrix, "scalars": scalars,
+        "selection": "final", "selected_epoch": None, "selected_test_acc": final,
+        "final_test_acc": final, "best_test_epoch": None, "best_test_acc_test_selected": None,
+        "epochs_completed": len(history), "curves": None, "train_data_draw": None,
+        "sizes": {"tasks": [{"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
+                            for t in per_task]},
+        "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
+        "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
+        "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},
+        "environment": environment_info(device), "git": git_info(), "config": run,
+    })
