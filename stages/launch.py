@@ -54,6 +54,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tune", action="store_true", help="first search lrs for rules with `lr: tuned`")
     parser.add_argument("--no-train", action="store_true", help="only the lr search")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="passed to stages.train: keep finished runs made by older code")
     args = parser.parse_args(argv)
 
     from bpfree.config import TUNED, ConfigError, load_params, resolve_experiment
@@ -77,7 +79,8 @@ def main(argv: list[str]) -> int:
         return 0
     train_tasks = [
         (f"train_{e}_{rule}_{seed}",
-         ["stages.train", e, "--profile", args.profile, "--rules", rule, "--seeds", str(seed)])
+         ["stages.train", e, "--profile", args.profile, "--rules", rule, "--seeds", str(seed)]
+         + (["--keep-finished"] if args.keep_finished else []))
         for e, exp in exps.items() for rule in exp["rules"] for seed in exp["seeds"]
     ]
     log(f"training: {len(train_tasks)} runs on {args.jobs} processes")
