@@ -72,6 +72,9 @@ def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
     if metrics["status"] != "OK":
         return {"checked": False, "reason": f"run {metrics['status']}"}
+    if metrics.get("task_accuracy") is not None:
+        return {"checked": False, "reason": "task-sequence run: no single final model to re-check; "
+                                            "its per-task accuracy matrix is recorded"}
     if not ckpt.is_file():
         return {"checked": False, "reason": f"no checkpoint at {ckpt} (not pulled from the DVC cache?)"}
     device = select_device(run["device"]) if run["device"] != "cuda" or torch.cuda.is_available() \
