@@ -83,6 +83,7 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(images.prepare(xb)), yb)
                 loss.backward()
+                handle.before_step()
                 optimizer.step()
                 handle.after_step()
                 loss_sum += loss.detach().double() * len(idx)

@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "Add",
     "BasicBlock",
+    "Heaviside",
     "BertClassifier",
     "ChannelPadShortcut",
     "ImageSizeCheckedSequential",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 INIT_SCHEMES = ("default", "xavier_uniform", "normal_inverse_width")
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity", "step")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -127,10 +128,31 @@ def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
         "tanh": nn.Tanh,
         "gelu": nn.GELU,
         "identity": nn.Identity,
+        "step": Heaviside,
     }
     if name not in factories:
         raise ValueError(f"unknown activation {name!r}; valid activations: {', '.join(ACTIVATIONS)}")
     return factories[name]()
+
+
+class Heaviside(nn.Module):
+    """Step activation 1[x > 0]. Its derivative is 0 almost everywhere, so plain gradient
+    descent sends no error through it; reward-based rules (LFP) pass through unchanged.
+    Optional Gaussian pre-activation noise (training only), as in the LFP step-net runs."""
+
+    bpfree_activation = True
+
+    def __init__(self, noise_std: float = 0.0):
+        super().__init__()
+        self.noise_std = float(noise_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.noise_std > 0:
+            x = x + self.noise_std * torch.randn_like(x)
+        return (x > 0).to(x.dtype) + 0.0 * x  # "+ 0 x": in the graph, with zero derivative
+
+    def extra_repr(self) -> str:
+        return f"noise_std={self.noise_std}"
 
 
 class Add(nn.Module):

@@ -359,6 +359,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             loss.backward()
+            handle.before_step()
             if full_batch and diag_now:
                 step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
             optimizer.step()

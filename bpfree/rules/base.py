@@ -129,6 +129,9 @@ class Rule:
     def check_layers(self, layers: list[nn.Module]) -> None:
         """Reject options that do not fit this model (e.g. one value per layer, miscounted)."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Reject a model the rule cannot train (e.g. a module type it has no rule for)."""
+
     def convert_layer(self, layer: nn.Module, index: int) -> None:
         """Create the per-layer state (buffers/parameters) the rule needs."""
 
@@ -145,6 +148,9 @@ class Rule:
     def attach(self, model: nn.Module, layers: list[nn.Module]) -> list:
         """Install model-level hooks; return their handles so they can be removed."""
         return []
+
+    def before_step(self, layers: list[nn.Module]) -> None:
+        """Work on the .grad a rule produced, before optimizer.step() (e.g. LFP's clipping)."""
 
     def after_step(self, layers: list[nn.Module]) -> None:
         """Work done after optimizer.step() (e.g. the weight-mirror phase)."""
@@ -185,6 +191,10 @@ class RuleHandle:
     @property
     def layers(self) -> list[nn.Module]:
         return [m for _, m in self.named_layers]
+
+    def before_step(self) -> None:
+        """Call after backward and before optimizer.step(); rules that post-process .grad do it here."""
+        self.rule.before_step(self.layers)
 
     def after_step(self) -> None:
         """Call after every optimizer.step(); rules that learn their feedback do it here."""
@@ -272,6 +282,7 @@ def apply_rule(model: nn.Module, name: str, **options) -> RuleHandle:
             "nn.Linear and nn.Conv2d layers (and subclasses)"
         )
     rule.check_layers([m for _, m in layers])  # before any change: a bad option leaves no trace
+    rule.check_model(model)
     for index, (_, layer) in enumerate(layers):
         original = type(layer)
         layer._bpfree_original_class = original
