@@ -30,7 +30,7 @@ _REQUIRED = ("id", "paper", "provenance", "experiment", "dataset", "architecture
 # Per-run scalars the evaluate stage records (stages/evaluate.py run_scalars); a layer name
 # follows the slash, e.g. conservation_deviation/fc1.
 SCALARS = ("test_acc_pct", "test_error_pct", "final_train_acc_pct", "final_train_loss",
-           "final_test_loss", "mean_task_acc_pct")
+           "final_test_loss", "mean_task_acc_pct", "mean_layer_gini")
 LAYER_SCALARS = ("conservation_deviation", "conservation_excluded", "weight_feedback_angle_deg",
                  "update_gradient_angle_deg", "initial_conservation_deviation",
                  "initial_weight_feedback_angle_deg", "initial_update_gradient_angle_deg",
@@ -39,6 +39,8 @@ COMPARISON_BOUNDS = ("max", "min", "at_most", "at_least", "within", "closer_to",
 
 
 def known_metric(name: str) -> bool:
+    if name.startswith("pruned_acc_") and "/" in name:  # pruned_acc_<method>/<fraction>
+        return True
     return name in METRICS or name in SCALARS or (
         "/" in name and name.split("/", 1)[0] in LAYER_SCALARS and bool(name.split("/", 1)[1]))
 

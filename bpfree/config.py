@@ -17,7 +17,7 @@ import yaml
 
 PARAMS_FILE = "params.yaml"
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("multistep", "step", "none")
+SCHEDULES = ("multistep", "step", "onecycle", "none")
 SELECTIONS = ("best_val", "final")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -25,7 +25,7 @@ DEVICES = ("cpu", "cuda", "auto")
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
-    "train_data", "skip", "model_options",
+    "train_data", "skip", "model_options", "pruning",
 )
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
@@ -38,6 +38,7 @@ EXPERIMENT_KEYS = {
     "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
     "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
+    "pruning": False,
 }
 TOP_KEYS = {"profile": True, "datasets": True, "optional_datasets": False, "experiments": True,
             "profiles": True}
@@ -194,7 +195,9 @@ def _validate_rules(rules, path, rule_names) -> None:
 def _validate_optimizer(o, path) -> None:
     _mapping(o, path)
     _keys(o, {"name": True, "lr": True, "momentum": False, "weight_decay": False,
-              "nesterov": False, "betas": False}, path)
+              "nesterov": False, "betas": False, "clip_grad_norm": False}, path)
+    if o.get("clip_grad_norm") is not None:
+        _positive(o["clip_grad_norm"], f"{path}.clip_grad_norm")
     name = _choice(o["name"], f"{path}.name", OPTIMIZERS)
     _positive(o["lr"], f"{path}.lr")
     momentum = o.get("momentum", 0.0)
@@ -217,8 +220,15 @@ def _validate_optimizer(o, path) -> None:
 
 def _validate_schedule(s, path) -> None:
     _mapping(s, path)
-    _keys(s, {"name": True, "milestones": False, "gamma": False, "step_size": False}, path)
+    _keys(s, {"name": True, "milestones": False, "gamma": False, "step_size": False,
+              "max_lr": False, "pct_start": False}, path)
     name = _choice(s["name"], f"{path}.name", SCHEDULES)
+    if name == "onecycle":
+        if "max_lr" in s:
+            _positive(s["max_lr"], f"{path}.max_lr")
+        pct = s.get("pct_start", 0.3)
+        if not _is_num(pct) or not 0 < pct < 1:
+            raise ConfigError(f"{path}.pct_start", pct, "must be a number in (0, 1)")
     if name == "step":
         if "step_size" not in s:
             raise ConfigError(f"{path}.step_size", None, "missing required key")
@@ -255,6 +265,21 @@ def _validate_experiment(exp, path, ctx) -> None:
           f"{path}.preprocess")
     _int(pre.get("crop_padding", 0), f"{path}.preprocess.crop_padding", 0)
     _bool(pre.get("flip", False), f"{path}.preprocess.flip")
+    if exp.get("pruning") is not None:
+        pr = _mapping(exp["pruning"], f"{path}.pruning")
+        _keys(pr, {"methods": True, "step": False, "test_images": False, "relevance_batch": False},
+              f"{path}.pruning")
+        from bpfree.pruning import METHODS
+        if not isinstance(pr["methods"], list) or not pr["methods"]:
+            raise ConfigError(f"{path}.pruning.methods", pr["methods"], "must be a non-empty list", METHODS)
+        for i, m in enumerate(pr["methods"]):
+            _choice(m, f"{path}.pruning.methods[{i}]", METHODS)
+        step = pr.get("step", 0.05)
+        if not _is_num(step) or not 0 < step < 1:
+            raise ConfigError(f"{path}.pruning.step", step, "must be a number in (0, 1)")
+        for key in ("test_images", "relevance_batch"):
+            if key in pr:
+                _int(pr[key], f"{path}.pruning.{key}", 1)
     if exp.get("continual") is not None:
         c = _mapping(exp["continual"], f"{path}.continual")
         _keys(c, {"tasks": True, "classes_per_task": True}, f"{path}.continual")
@@ -371,6 +396,8 @@ def _validate_override(o, path) -> None:
         _mapping(o["train_data"], f"{path}.train_data")
     if "model_options" in o:
         _mapping(o["model_options"], f"{path}.model_options")
+    if "pruning" in o:
+        _mapping(o["pruning"], f"{path}.pruning")
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
@@ -524,6 +551,11 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         raise ConfigError(f"profiles.{profile}.{exp_id}.sweep_values", override["sweep_values"],
                           "the experiment has no sweep")
     exp["skip"] = override.get("skip")
+    if override.get("pruning"):
+        if not exp.get("pruning"):
+            raise ConfigError(f"profiles.{profile}.{exp_id}.pruning", override["pruning"],
+                              "the experiment has no pruning evaluation to override")
+        exp["pruning"] = {**exp["pruning"], **override["pruning"]}
     exp["model"].setdefault("options", {})
     exp["model"]["options"] = exp["model"]["options"] or {}
     if override.get("model_options"):

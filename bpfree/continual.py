@@ -69,8 +69,10 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
     history, status, diverged = [], STATUS_OK, None
     for task_index, images in enumerate(per_task):
         optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task
-        scheduler = build_scheduler(optimizer, run["schedule"])
         n = len(images.y_train)
+        if run["schedule"]["name"] == "onecycle":
+            raise ValueError("the task-sequence trainer steps schedules per epoch; OneCycle is per batch")
+        scheduler = build_scheduler(optimizer, run["schedule"])
         for epoch in range(1, int(run["epochs"]) + 1):
             perm = torch.randperm(n, generator=order_gen).to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)

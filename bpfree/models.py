@@ -10,6 +10,7 @@ patching a ``forward``. Nothing here imports the rest of bpfree.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 from typing import Callable
 
@@ -22,6 +23,9 @@ __all__ = [
     "Add",
     "BasicBlock",
     "Heaviside",
+    "LIF",
+    "SumOverTime",
+    "SpikingNet",
     "BertClassifier",
     "ChannelPadShortcut",
     "ImageSizeCheckedSequential",
@@ -279,6 +283,131 @@ def vgg_cifar(
     layers["fc2_dropout"] = nn.Dropout(dropout)
     layers["classifier"] = nn.Linear(512, num_classes)
     return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+
+
+# ------------------------------------------------------------------- step and spiking nets
+
+@register_model("step_lenet")
+def step_lenet(num_classes: int = 10, in_channels: int = 1, noise_std: float = 0.1,
+               init: str = "default") -> nn.Module:
+    """LeNet-5 (32x32 inputs) with Heaviside step activations and Gaussian pre-activation
+    noise (training only): the LFP paper's step-activation net (E4)."""
+    layers = OrderedDict(
+        conv1=nn.Conv2d(in_channels, 6, kernel_size=5), step1=Heaviside(noise_std), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(6, 16, kernel_size=5), step2=Heaviside(noise_std), pool2=nn.MaxPool2d(2),
+        conv3=nn.Conv2d(16, 120, kernel_size=5), step3=Heaviside(noise_std), flatten=nn.Flatten(),
+        fc1=nn.Linear(120, 84), step4=Heaviside(noise_std), classifier=nn.Linear(84, num_classes),
+    )
+    return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+
+
+SURROGATES = ("atan", "none")
+
+
+class SpikeFunction(torch.autograd.Function):
+    """Heaviside spike of (membrane - threshold). Backward: the arctan surrogate derivative
+    (alpha / 2) / (1 + (pi / 2 * alpha * v)^2) as snnTorch, or "none": the true derivative,
+    zero almost everywhere (plain gradient through the step)."""
+
+    @staticmethod
+    def forward(ctx, v, surrogate, alpha):
+        ctx.save_for_backward(v)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        if ctx.surrogate == "none":
+            return torch.zeros_like(grad), None, None
+        a = ctx.alpha
+        return grad * (a / 2) / (1 + (math.pi / 2 * a * v) ** 2), None, None
+
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire units: mem <- beta * mem + input; spike when mem > threshold;
+    reset by subtraction (detached, snnTorch's default). Stateful over the time steps of one
+    forward pass; the owning net calls reset() first. Marked as an activation so reward-based
+    rules pass their reward from the spikes to the input current."""
+
+    bpfree_activation = True
+
+    def __init__(self, beta: float = 0.9, threshold: float = 1.0, surrogate: str = "atan", alpha: float = 2.0):
+        super().__init__()
+        if surrogate not in SURROGATES:
+            raise ValueError(f"unknown surrogate {surrogate!r}; choices: {', '.join(SURROGATES)}")
+        self.beta, self.threshold, self.surrogate, self.alpha = float(beta), float(threshold), surrogate, float(alpha)
+        self.mem: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.mem = None
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        mem = current if self.mem is None else self.beta * self.mem + current
+        spikes = SpikeFunction.apply(mem - self.threshold, self.surrogate, self.alpha)
+        self.mem = mem - spikes.detach() * self.threshold
+        return spikes
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}"
+
+
+class SumOverTime(nn.Module):
+    """Sum of a (T, ...) stack over time (spike counts). A module, not a tensor op, so that
+    reward-based rules split the reward over time steps in proportion to each step's share."""
+
+    bpfree_proportional_pool = True
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.sum(0)
+
+
+class SpikingNet(nn.Module):
+    """Static input presented for `steps` time steps to Linear/Conv2d + LIF layers; the
+    output is rate coded: logits = the output neurons' spike counts (spike rate x steps)."""
+
+    def __init__(self, body: nn.Sequential, steps: int):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.body, self.steps, self.readout = body, int(steps), SumOverTime()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.body.modules():
+            if isinstance(m, LIF):
+                m.reset()
+        spikes = torch.stack([self.body(x) for _ in range(self.steps)])
+        return self.readout(spikes)
+
+
+@register_model("spiking_mlp")
+def spiking_mlp(num_classes: int = 10, in_features: int = 784, depth: int = 1, width: int = 256,
+                steps: int = 25, beta: float = 0.9, surrogate: str = "atan", init: str = "default") -> nn.Module:
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    features = in_features
+    for i in range(1, depth + 1):
+        layers[f"fc{i}"] = nn.Linear(features, width)
+        layers[f"lif{i}"] = LIF(beta, surrogate=surrogate)
+        features = width
+    layers["classifier"] = nn.Linear(features, num_classes)
+    layers["lif_out"] = LIF(beta, surrogate=surrogate)
+    return init_weights(SpikingNet(nn.Sequential(layers), steps), init)
+
+
+@register_model("spiking_convnet")
+def spiking_convnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, steps: int = 25,
+                    beta: float = 0.9, surrogate: str = "atan", init: str = "default") -> nn.Module:
+    """conv 12 5x5 - pool - LIF - conv 64 5x5 - pool - LIF - fc - LIF (snnTorch tutorial net)."""
+    side = ((image_size - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for two 5x5 convs and two pools")
+    layers = OrderedDict(
+        conv1=nn.Conv2d(in_channels, 12, 5), pool1=nn.MaxPool2d(2), lif1=LIF(beta, surrogate=surrogate),
+        conv2=nn.Conv2d(12, 64, 5), pool2=nn.MaxPool2d(2), lif2=LIF(beta, surrogate=surrogate),
+        flatten=nn.Flatten(), classifier=nn.Linear(64 * side * side, num_classes),
+        lif_out=LIF(beta, surrogate=surrogate),
+    )
+    return init_weights(SpikingNet(nn.Sequential(layers), steps), init)
 
 
 # ---------------------------------------------------------------------------- ResNets

@@ -179,8 +179,17 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg['name']!r}")
 
 
-def build_scheduler(optimizer, cfg: dict):
-    """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction bug)."""
+PER_BATCH_SCHEDULES = ("onecycle",)
+
+
+def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int = 1):
+    """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction
+    bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so."""
+    if cfg["name"] == "onecycle":
+        max_lr = cfg.get("max_lr", optimizer.param_groups[0]["lr"])
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
+                                                   steps_per_epoch=steps_per_epoch,
+                                                   pct_start=cfg.get("pct_start", 0.3))
     if cfg["name"] == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["milestones"],
                                                     gamma=cfg.get("gamma", 0.1))
@@ -294,11 +303,13 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                         **run["model"]["options"]).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
     optimizer = build_optimizer(model.parameters(), run["optimizer"])  # after apply_rule: KP adds B
-    scheduler = build_scheduler(optimizer, run["schedule"])
-    order_gen = torch.Generator().manual_seed(seed)
-
     n = len(images.y_train)
     bs = int(run["batch_size"])
+    scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, int(run["epochs"]))
+    per_batch_schedule = run["schedule"]["name"] in PER_BATCH_SCHEDULES
+    clip = run["optimizer"].get("clip_grad_norm")
+    order_gen = torch.Generator().manual_seed(seed)
+
     # Full-batch training (the implicit-regularisation protocols): no shuffling, the
     # normalised training set is built once, and the alignment diagnostics reuse the step.
     crop_padding = int(run["preprocess"].get("crop_padding", 0) or 0)
@@ -360,10 +371,14 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             loss = F.cross_entropy(out, yb)
             loss.backward()
             handle.before_step()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if full_batch and diag_now:
                 step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
             optimizer.step()
             handle.after_step()
+            if per_batch_schedule:
+                scheduler.step()
             loss_sum += loss.detach().double() * len(yb)
             correct += (out.detach().argmax(1) == yb).sum()
             timer.stop(token, keep=step >= warmup and not untimed)
@@ -373,7 +388,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             if log:
                 log(f"  epoch {epoch}: training loss {train_loss}, run DIVERGED")
             break
-        if scheduler is not None:
+        if scheduler is not None and not per_batch_schedule:
             scheduler.step()
         if diag_now:
             diagnose(epoch, step_angles)

@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from stages import NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log, runs_dir, summary_path
+from stages import NOT_RUN_FILE, PREPARED, RESULTS, checkpoints_dir, entry, log, runs_dir, summary_path
 
 RECHECK_TOLERANCE = 1e-6  # percent points; same kernels and batch size => identical counts
 
@@ -52,6 +52,62 @@ def run_scalars(metrics: dict) -> dict[str, float]:
             if c.get("mean_abs_deviation") is not None:
                 out[f"{prefix}conservation_deviation/{layer}"] = c["mean_abs_deviation"]
             out[f"{prefix}conservation_excluded/{layer}"] = c.get("excluded")
+    return out
+
+
+def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -> dict | None:
+    """Pruning curves of a run's checkpoint (no fine-tuning), cached next to its metrics.
+
+    Scalars pruned_acc_<method>/<fraction> feed the claims; per-layer Gini of |w| too. The
+    cache is keyed by the checkpoint's sha256, so a retrained run is measured again.
+    """
+    import hashlib
+
+    from bpfree.data import load_prepared
+    from bpfree.provenance import atomic_write_json
+    from bpfree.pruning import layer_gini, pruning_curve, relevance_scores
+    from bpfree.training import device_images, evaluate_split, load_checkpoint_model, set_determinism
+
+    ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
+    if metrics["status"] != "OK" or not ckpt.is_file():
+        return None
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    # Not inside the run's directory: that belongs to the train stage.
+    cache = RESULTS / metrics["profile"] / "pruning" / metrics["experiment"] / f"{metrics['run_id']}.json"
+    cached = _read(cache)
+    if cached and cached.get("checkpoint_sha256") == digest and cached.get("spec") == spec:
+        return cached
+    device = torch.device("cpu")
+    set_determinism(run.get("threads"))
+    key = (run["dataset"], "cpu")
+    if key not in data_cache:
+        data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
+    images = device_images(data_cache[key], run, device)
+    model = load_checkpoint_model(ckpt, run, images.num_classes, device).eval()
+    n_test = min(int(spec.get("test_images", len(images.y_test))), len(images.y_test))
+    x_test, y_test = images.x_test[:n_test], images.y_test[:n_test]
+    batch = int(spec.get("relevance_batch", 256))
+    scores = relevance_scores(model, images.prepare(images.x_train[:batch]), images.y_train[:batch])
+    step = float(spec.get("step", 0.05))
+    fractions = [round(i * step, 6) for i in range(int(round(1 / step)))]
+    curves = {}
+    for method in spec["methods"]:
+        curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test)[0],
+                                       method, fractions, scores if method == "relevance" else None)
+    result = {"checkpoint_sha256": digest, "spec": spec, "test_images": n_test, "curves": curves,
+              "gini": layer_gini(model)}
+    atomic_write_json(cache, result)
+    return result
+
+
+def pruning_scalars(result: dict) -> dict[str, float]:
+    out = {}
+    for method, curve in result["curves"].items():
+        for point in curve:
+            out[f"pruned_acc_{method}/{point['fraction']:g}"] = point["value"]
+    ginis = list(result["gini"].values())
+    if ginis:
+        out["mean_layer_gini"] = sum(ginis) / len(ginis)
     return out
 
 
@@ -146,7 +202,12 @@ def summarise(params: dict, profile: str) -> dict:
             for field in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected",
                           "selected_epoch", "mean_step_ms", "code_hash"):
                 entry_[field][seed] = metrics.get(field)
-            for name, value in run_scalars(metrics).items():
+            scalars = run_scalars(metrics)
+            if exp.get("pruning"):
+                pruned = pruning_evaluation(metrics, run, data_cache, exp["pruning"])
+                if pruned is not None:
+                    scalars.update(pruning_scalars(pruned))
+            for name, value in scalars.items():
                 entry_["scalars"].setdefault(name, {})[seed] = value
             check = recheck(metrics, run, data_cache)
             entry_["checkpoint_check"][seed] = check
@@ -186,6 +247,7 @@ def main(argv: list[str]) -> int:
 
     params = load_params()
     profile = args.profile or params["profile"]
+    (RESULTS / profile / "pruning").mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
     summary = summarise(params, profile)
     atomic_write_json(summary_path(profile), summary)
     n_runs = sum(len(r["status"]) for e in summary["experiments"].values() for r in e["rules"].values())

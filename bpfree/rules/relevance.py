@@ -327,7 +327,7 @@ class LayerwiseFeedbackPropagation(Rule):
                 handles.append(module.register_forward_hook(self._activation_hook))
             elif type(module).__name__ == "Add":
                 handles.append(module.register_forward_hook(self._add_hook))
-            elif isinstance(module, AVG_POOLS):
+            elif isinstance(module, AVG_POOLS) or getattr(module, "bpfree_proportional_pool", False):
                 handles.append(module.register_forward_hook(self._pool_hook))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 handles.append(module.register_forward_hook(self._batchnorm_hook))
