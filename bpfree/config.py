@@ -358,7 +358,7 @@ def _sweep_values(v, path) -> list:
 def _validate_tuning(t, path) -> None:
     """The lr grid searched on the validation split by `python -m stages.tune`."""
     _mapping(t, path)
-    _keys(t, {"lrs": True, "epochs": True, "seed": False}, path)
+    _keys(t, {"lrs": True, "epochs": True, "seed": False, "at": False}, path)
     if not isinstance(t["lrs"], list) or not t["lrs"]:
         raise ConfigError(f"{path}.lrs", t["lrs"], "must be a non-empty list of learning rates")
     for i, lr in enumerate(t["lrs"]):

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rules", nargs="*", help="only these rules (to shard over processes)")
     args = parser.parse_args(argv)
 
-    from bpfree.config import ConfigError, load_params, resolve_experiment
+    from bpfree.config import ConfigError, _set_path, load_params, resolve_experiment
     from bpfree.data import load_prepared
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import select_device, train_run, code_hash, data_hash
@@ -51,7 +51,9 @@ def main(argv: list[str]) -> int:
         spec = exp["rules"][rule] or {}
         trials = []
         for lr in grid["lrs"]:
-            run = copy.deepcopy({k: v for k, v in exp.items() if k not in ("rules", "seeds", "tuning")})
+            run = copy.deepcopy({k: v for k, v in exp.items() if k not in ("rules", "seeds", "tuning", "sweep", "skip")})
+            if exp.get("sweep") and "at" in grid:  # tune at one point of the sweep
+                _set_path(run, exp["sweep"]["param"], grid["at"])
             run.update(rule={"name": rule, "options": dict(spec.get("options") or {})},
                        seed=int(grid.get("seed", 0)), epochs=int(grid["epochs"]),
                        schedule={"name": "none"}, selection="best_val", run_id=f"{rule}_lr{lr}")
@@ -69,6 +71,7 @@ def main(argv: list[str]) -> int:
             "experiment": args.experiment, "profile": profile, "rule": rule, "chosen_lr": chosen,
             "criterion": f"best validation accuracy within {grid['epochs']} epochs at constant lr",
             "grid": grid["lrs"], "trials": trials, "val_size": exp["val_size"],
+            "at": {exp["sweep"]["param"]: grid["at"]} if exp.get("sweep") and "at" in grid else None,
             "train_subset": exp.get("train_subset"), "seed": int(grid.get("seed", 0)),
             "data_hash": data_hash(data.manifest), "code_hash": code_hash(),
             "environment": metrics["environment"], "git": metrics["git"],
