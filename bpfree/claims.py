@@ -104,6 +104,7 @@ class Row:
     data_variant: str
     notes: str
     mean: float | None = None
+    reason: str = ""  # why the row is not PASS/FAIL (NOT RUN / DIVERGED), for the claim summary
 
 
 @dataclass
@@ -439,10 +440,12 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
                 extra.append(d.reason)
         if label in claim.known_failures:
             extra.append(f"KNOWN FAILURE: {claim.known_failures[label]}")
+        blocked = ""
         if any(d.status == DIVERGED for d in everything):
             verdict, shown = DIVERGED, "—"
         elif any(d.status == NOT_RUN for d in everything):
             verdict, shown = NOT_RUN, "—"
+            blocked = next(d.reason for d in everything if d.status == NOT_RUN)
         else:
             v = main.mean
             if "max" in chk:
@@ -476,7 +479,8 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
         paper_text = f"{chk['target']:g}" if "target" in chk else (claim.statement if not rows else "″")
         rows.append(Row(claim.id, label, paper_text, shown,
                         str(n) if n else "—", tol, verdict, claim.profile,
-                        _variant(claim, summaries), _notes(claim, summaries, extra), main.mean))
+                        _variant(claim, summaries), _notes(claim, summaries, extra), main.mean,
+                        blocked))
     return rows
 
 
@@ -496,7 +500,7 @@ def evaluate_claim(claim: Claim, summaries: dict[str, dict]) -> ClaimResult:
     verdict = _combine([r.verdict for r in rows])
     reason = ""
     if verdict == NOT_RUN and claim.kind == "comparison":
-        reason = next((r.notes.split("; ", 1)[-1] for r in rows if r.verdict == NOT_RUN), "")
+        reason = next((r.reason for r in rows if r.verdict == NOT_RUN), "")
     elif verdict == NOT_RUN:
         reasons = []
         for rule in claim.rules:

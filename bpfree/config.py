@@ -392,12 +392,9 @@ def _validate_override(o, path) -> None:
         _int(o["log_every"], f"{path}.log_every", 1)
     if "sweep_values" in o:
         _sweep_values(o["sweep_values"], f"{path}.sweep_values")
-    if "train_data" in o:
-        _mapping(o["train_data"], f"{path}.train_data")
-    if "model_options" in o:
-        _mapping(o["model_options"], f"{path}.model_options")
-    if "pruning" in o:
-        _mapping(o["pruning"], f"{path}.pruning")
+    for key in ("train_data", "model_options", "pruning"):  # merged into the experiment's own
+        if key in o:
+            _mapping(o[key], f"{path}.{key}")
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 

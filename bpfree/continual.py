@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bpfree.data import split_mnist_tasks, task_subset, train_val_split
 from bpfree.models import build_model
@@ -22,7 +21,7 @@ from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
 from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_safe, augment_batch,
                              build_optimizer, build_scheduler, data_hash, evaluate_split,
-                             seed_everything, set_determinism)
+                             normalisation, optimisation_step, seed_everything, set_determinism)
 
 VAL_FRACTION = 0.2
 
@@ -32,9 +31,7 @@ def task_images(data, classes, seed: int, device) -> DeviceImages:
     x_all, y_all = task_subset(torch.arange(len(data.y_train)), data.y_train.cpu(), classes)
     x_test_idx, y_test = task_subset(torch.arange(len(data.y_test)), data.y_test.cpu(), classes)
     tr, va = train_val_split(len(y_all), VAL_FRACTION, seed)
-    channels = data.x_train.shape[1]
-    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
-    std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+    mean, std = normalisation(data, device)
 
     def take(x, idx):
         return x[idx.to(x.device)].to(device)
@@ -82,12 +79,8 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
                 xb, yb = images.x_train[idx], images.y_train[idx]
                 if augment_gen is not None:
                     xb = augment_batch(xb, crop, flip, augment_gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(images.prepare(xb)), yb)
-                loss.backward()
-                handle.before_step()
-                optimizer.step()
-                handle.after_step()
+                loss, _ = optimisation_step(model, handle, optimizer, images.prepare(xb), yb,
+                                            run["optimizer"].get("clip_grad_norm"))
                 loss_sum += loss.detach().double() * len(idx)
             train_loss = (loss_sum / n).item()
             if not math.isfinite(train_loss):

@@ -96,11 +96,7 @@ def update_gradient_angles(
         with handle.suspended():
             loss_fn(model(inputs), targets).backward()
         true_grads = _layer_weight_grads(handle)
-    angles = {}
-    for (name, _), rule_grad, true_grad in zip(handle.named_layers, rule_grads, true_grads):
-        if rule_grad is not None and true_grad is not None:
-            angles[name] = angle_degrees(rule_grad, true_grad)
-    return angles
+    return _angles_between(handle, rule_grads, true_grads)
 
 
 def alignment_report(model, handle, loss_fn, inputs, targets) -> dict[str, dict[str, float]]:

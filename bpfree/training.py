@@ -109,6 +109,14 @@ def _as_index(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.long)
 
 
+def normalisation(data, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dataset's per-channel mean and std, shaped (1, C, 1, 1), on the device."""
+    channels = data.x_train.shape[1]
+    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+    std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+    return mean, std
+
+
 def device_images(data, run: dict, device: torch.device) -> DeviceImages:
     """Cut the run's subsets out of the prepared tensors and resize them once, on device."""
     gen = torch.Generator().manual_seed(int(run["data_seed"]))
@@ -158,9 +166,7 @@ def device_images(data, run: dict, device: torch.device) -> DeviceImages:
             return F.interpolate(x.float().div(255.0), size=(resize, resize), mode="bilinear",
                                  align_corners=False)
         x_tr, x_va, x_te = rs(x_tr), rs(x_va), rs(x_te)
-    channels = x_tr.shape[1]
-    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
-    std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
+    mean, std = normalisation(data, device)
     return DeviceImages(
         x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
         bool(run["preprocess"].get("normalize", True)), num_classes, draw,
@@ -220,6 +226,26 @@ def evaluate_split(model: nn.Module, images: DeviceImages, x: torch.Tensor,
 def accuracy(model: nn.Module, images: DeviceImages, x: torch.Tensor, y: torch.Tensor) -> float | None:
     """Top-1 accuracy in percent; None for an empty split."""
     return evaluate_split(model, images, x, y)[0]
+
+
+def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None):
+    """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
+
+    before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
+    uses it (the full-batch diagnostics measure that exact update). Returns (loss, logits).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = model(xb)
+    loss = F.cross_entropy(out, yb)
+    loss.backward()
+    handle.before_step()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if before_update is not None:
+        before_update(xb, yb)
+    optimizer.step()
+    handle.after_step()
+    return loss, out
 
 
 class _StepTimer:
@@ -356,6 +382,10 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
         diag_now = bool(diag_every) and epoch % diag_every == 0
         untimed = diag_now or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
         step_angles = None
+
+        def measure_update(xb, yb):
+            nonlocal step_angles
+            step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
         for step, i in enumerate(range(0, n, bs)):
             token = timer.start()
             if full_batch:
@@ -366,17 +396,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                 if augment_gen is not None:
                     xb = augment_batch(xb, crop_padding, flip, augment_gen)
                 xb = images.prepare(xb)
-            optimizer.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            loss.backward()
-            handle.before_step()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if full_batch and diag_now:
-                step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
-            optimizer.step()
-            handle.after_step()
+            loss, out = optimisation_step(model, handle, optimizer, xb, yb, clip,
+                                          measure_update if full_batch and diag_now else None)
             if per_batch_schedule:
                 scheduler.step()
             loss_sum += loss.detach().double() * len(yb)

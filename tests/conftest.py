@@ -1,4 +1,4 @@
-"""Shared test set-up: one torch thread per xdist worker, and prepared real MNIST for trainer tests."""
+"""Shared test set-up: one torch thread per xdist worker, prepared real MNIST and the repo params."""
 import os
 from pathlib import Path
 
@@ -20,3 +20,17 @@ def mnist_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "mnist"
     prepare_dataset("mnist", out, raw_dir=DATA_DIR)
     return out
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    """The prepared MNIST tensors on the CPU (tests must not modify them)."""
+    from bpfree.data import load_prepared
+    return load_prepared(mnist_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def params():
+    """The repository's params.yaml, validated (tests that mutate params deep-copy it)."""
+    from bpfree.config import load_params
+    return load_params(REPO / "params.yaml")

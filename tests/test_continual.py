@@ -1,27 +1,14 @@
 """Split-MNIST forgetting benchmark, on-device augmentation, step schedule, profile model options."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from bpfree.config import ConfigError, load_params, resolve_experiment, run_configs, validate_params
+from bpfree.config import ConfigError, resolve_experiment, run_configs, validate_params
 from bpfree.continual import task_images, train_continual
 from bpfree.data import split_mnist_tasks
 from bpfree.training import augment_batch, build_optimizer, build_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from bpfree.data import load_prepared
-    return load_prepared(mnist_dir, "cpu")
-
-
-@pytest.fixture(scope="module")
-def params():
-    return load_params(REPO / "params.yaml")
 
 
 def tiny_run(rule="bp", seed=0):

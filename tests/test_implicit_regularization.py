@@ -1,19 +1,17 @@
 """Seed 004 machinery: conservation tracker, full-batch diagnostics, sweeps and derived sets."""
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bpfree.config import ConfigError, load_params, run_configs, validate_params
+from bpfree.config import ConfigError, run_configs, validate_params
 from bpfree.metrics import ConservationTracker, step_gradient_angles, update_gradient_angles
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
 from bpfree.training import device_images, train_run
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_tiny(rule: str, *, bias: bool, lr: float, steps: int = 300, seed: int = 0):
@@ -97,17 +95,6 @@ def test_step_gradient_angles_match_the_two_pass_measure(rule):
 
 
 # --------------------------------------------------------------------------- sweeps and draws
-@pytest.fixture(scope="module")
-def params():
-    return load_params(REPO / "params.yaml")
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from bpfree.data import load_prepared
-    return load_prepared(mnist_dir, "cpu")
-
-
 def test_b2_width_sweep_runs_cover_every_width_rule_and_repeat(params):
     runs = run_configs(params, "B2_noisy_mnist_width", "cpu")
     assert len(runs) == 10 * 4 * 6

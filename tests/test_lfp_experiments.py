@@ -1,25 +1,12 @@
 """Pieces the LFP experiments need: per-batch OneCycle, gradient clipping, pruning config."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from bpfree.config import ConfigError, load_params, resolve_experiment, validate_params
+from bpfree.config import ConfigError, resolve_experiment, validate_params
 from bpfree.training import build_scheduler, train_run
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def params():
-    return load_params(REPO / "params.yaml")
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from bpfree.data import load_prepared
-    return load_prepared(mnist_dir, "cpu")
 
 
 def run(**changes):

@@ -16,12 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BPFREE_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from bpfree.data import load_prepared
-    return load_prepared(mnist_dir, "cpu")
-
-
 def mlp_run(**changes):
     run = {
         "dataset": "mnist", "data_seed": 0, "seed": 0, "threads": 1, "device": "cpu",
