@@ -69,17 +69,24 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     from bpfree.training import device_images, evaluate_split, load_checkpoint_model, set_determinism
 
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
-    if metrics["status"] != "OK" or not ckpt.is_file():
-        return None
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     # Not inside the run's directory: that belongs to the train stage.
     cache = RESULTS / metrics["profile"] / "pruning" / metrics["experiment"] / f"{metrics['run_id']}.json"
     cached = _read(cache)
+    if metrics["status"] != "OK":
+        return None
+    if not ckpt.is_file():
+        # Runs made on a lent GPU machine come back without checkpoints (too large to carry):
+        # their curves, measured there, are kept as long as they belong to this run.
+        if cached and cached.get("spec") == spec and cached.get("run_config_hash") == metrics["config_hash"]:
+            return cached
+        return None
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     if cached and cached.get("checkpoint_sha256") == digest and cached.get("spec") == spec:
         return cached
-    device = torch.device("cpu")
+    # Sixty full test passes of a VGG: on the GPU when the run's machine has one.
+    device = torch.device("cuda" if run["device"] == "cuda" and torch.cuda.is_available() else "cpu")
     set_determinism(run.get("threads"))
-    key = (run["dataset"], "cpu")
+    key = (run["dataset"], str(device))
     if key not in data_cache:
         data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
     images = device_images(data_cache[key], run, device)
@@ -94,8 +101,8 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     for method in spec["methods"]:
         curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test)[0],
                                        method, fractions, scores if method == "relevance" else None)
-    result = {"checkpoint_sha256": digest, "spec": spec, "test_images": n_test, "curves": curves,
-              "gini": layer_gini(model)}
+    result = {"checkpoint_sha256": digest, "run_config_hash": metrics["config_hash"], "spec": spec,
+              "test_images": n_test, "device": str(device), "curves": curves, "gini": layer_gini(model)}
     atomic_write_json(cache, result)
     return result
 
