@@ -30,7 +30,8 @@ _REQUIRED = ("id", "paper", "provenance", "experiment", "dataset", "architecture
 # Per-run scalars the evaluate stage records (stages/evaluate.py run_scalars); a layer name
 # follows the slash, e.g. conservation_deviation/fc1.
 SCALARS = ("test_acc_pct", "test_error_pct", "final_train_acc_pct", "final_train_loss",
-           "final_test_loss", "mean_task_acc_pct", "mean_layer_gini")
+           "final_test_loss", "mean_task_acc_pct", "mean_layer_gini",
+           "sign_flip_pct", "source_test_acc_pct")  # the last two: transfer runs
 LAYER_SCALARS = ("conservation_deviation", "conservation_excluded", "weight_feedback_angle_deg",
                  "update_gradient_angle_deg", "initial_conservation_deviation",
                  "initial_weight_feedback_angle_deg", "initial_update_gradient_angle_deg",

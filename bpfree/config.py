@@ -38,7 +38,7 @@ EXPERIMENT_KEYS = {
     "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
     "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
-    "pruning": False,
+    "pruning": False, "transfer": False,
 }
 TOP_KEYS = {"profile": True, "datasets": True, "optional_datasets": False, "experiments": True,
             "profiles": True}
@@ -287,6 +287,8 @@ def _validate_experiment(exp, path, ctx) -> None:
         _int(c["classes_per_task"], f"{path}.continual.classes_per_task", 2)
         if exp.get("train_data") or exp.get("sweep"):
             raise ConfigError(f"{path}.continual", c, "cannot be combined with train_data or sweep")
+    if exp.get("transfer") is not None:
+        _validate_transfer(exp, f"{path}.transfer", ctx)
     _bool(pre.get("normalize", True), f"{path}.preprocess.normalize")
     if pre.get("resize") is not None:
         _int(pre["resize"], f"{path}.preprocess.resize", 1)
@@ -353,6 +355,36 @@ def _sweep_values(v, path) -> list:
     if len(set(map(str, v))) != len(v):
         raise ConfigError(path, v, "sweep values must be unique")
     return v
+
+
+DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
+
+
+def _validate_transfer(exp: dict, path: str, ctx: dict) -> None:
+    t = _mapping(exp["transfer"], path)
+    _keys(t, {"source_classes": True, "target_classes": True, "source_epochs": True,
+              "source_rule": False}, path)
+    n = DATASET_CLASSES.get(exp["dataset"])
+    if n is None:
+        raise ConfigError(f"{path}", exp["dataset"], "transfer needs an image classification dataset",
+                          sorted(DATASET_CLASSES))
+    for key in ("source_classes", "target_classes"):
+        v = t[key]
+        if not isinstance(v, list) or len(v) < 2 or len(set(v)) != len(v):
+            raise ConfigError(f"{path}.{key}", v, "must be a list of at least 2 distinct class indices")
+        for i, c in enumerate(v):
+            _int(c, f"{path}.{key}[{i}]", 0)
+            if c >= n:
+                raise ConfigError(f"{path}.{key}[{i}]", c, f"{exp['dataset']} has classes 0..{n - 1}")
+    if set(t["source_classes"]) & set(t["target_classes"]):
+        raise ConfigError(f"{path}.target_classes", t["target_classes"], "must not overlap source_classes")
+    _int(t["source_epochs"], f"{path}.source_epochs", 1)
+    _choice(t.get("source_rule", "bp"), f"{path}.source_rule", ctx["rules"])
+    for other in ("continual", "train_data", "sweep"):
+        if exp.get(other):
+            raise ConfigError(path, t, f"cannot be combined with {other}")
+    if exp["schedule"]["name"] == "onecycle":
+        raise ConfigError(f"{path}", t, "transfer steps schedules per epoch; OneCycle is per batch")
 
 
 def _validate_tuning(t, path) -> None:

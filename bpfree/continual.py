@@ -21,12 +21,13 @@ from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
 from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_safe, augment_batch,
                              build_optimizer, build_scheduler, data_hash, evaluate_split,
-                             normalisation, optimisation_step, seed_everything, set_determinism)
+                             normalisation, optimisation_step, resize_images, seed_everything,
+                             set_determinism)
 
 VAL_FRACTION = 0.2
 
 
-def task_images(data, classes, seed: int, device) -> DeviceImages:
+def task_images(data, classes, seed: int, device, resize: int | None = None) -> DeviceImages:
     """One task's images on the device: its classes only, labels 0..k-1, 80/20 train/val."""
     x_all, y_all = task_subset(torch.arange(len(data.y_train)), data.y_train.cpu(), classes)
     x_test_idx, y_test = task_subset(torch.arange(len(data.y_test)), data.y_test.cpu(), classes)
@@ -34,11 +35,55 @@ def task_images(data, classes, seed: int, device) -> DeviceImages:
     mean, std = normalisation(data, device)
 
     def take(x, idx):
-        return x[idx.to(x.device)].to(device)
+        return resize_images(x[idx.to(x.device)].to(device), resize)
     return DeviceImages(take(data.x_train, x_all[tr]), y_all[tr].to(device),
                         take(data.x_train, x_all[va]), y_all[va].to(device),
                         take(data.x_test, x_test_idx), y_test.to(device), mean, std, True, len(classes),
                         {"classes": list(classes)})
+
+
+def task_generators(run: dict, seed: int, device) -> tuple[torch.Generator, torch.Generator | None]:
+    """Batch-order and augmentation generators, drawn once per run so tasks share the streams."""
+    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
+    flip = bool(run["preprocess"].get("flip", False))
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop or flip else None
+    return torch.Generator().manual_seed(seed), augment_gen
+
+
+def train_task(model, handle, images: DeviceImages, run: dict, order_gen, augment_gen, *, task: int,
+               epochs: int | None = None) -> tuple[list[dict], dict | None]:
+    """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
+    optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task
+    if run["schedule"]["name"] == "onecycle":
+        raise ValueError("the task-sequence trainer steps schedules per epoch; OneCycle is per batch")
+    scheduler = build_scheduler(optimizer, run["schedule"])
+    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
+    flip = bool(run["preprocess"].get("flip", False))
+    n, bs = len(images.y_train), int(run["batch_size"])
+    epochs = int(run["epochs"] if epochs is None else epochs)
+    history = []
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=order_gen).to(images.y_train.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=images.y_train.device)
+        lr = optimizer.param_groups[0]["lr"]
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            xb, yb = images.x_train[idx], images.y_train[idx]
+            if augment_gen is not None:
+                xb = augment_batch(xb, crop, flip, augment_gen)
+            loss, _ = optimisation_step(model, handle, optimizer, images.prepare(xb), yb,
+                                        run["optimizer"].get("clip_grad_norm"))
+            loss_sum += loss.detach().double() * len(idx)
+        train_loss = (loss_sum / n).item()
+        if not math.isfinite(train_loss):
+            return history, {"task": task, "epoch": epoch}
+        if scheduler is not None:
+            scheduler.step()
+        if epoch == epochs:
+            val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
+            history.append({"task": task, "epoch": epoch, "lr": lr, "train_loss": train_loss,
+                            "val_acc": val_acc})
+    return history, None
 
 
 def train_continual(run: dict, data, device, *, log=None) -> dict:
@@ -52,47 +97,21 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
         if spec["classes_per_task"] == 2 else None
     if tasks is None:
         raise ValueError("only tasks of 2 classes are implemented (Split-MNIST)")
-    per_task = [task_images(data, classes, seed, device) for classes in tasks]
+    resize = run["preprocess"].get("resize")
+    per_task = [task_images(data, classes, seed, device, resize) for classes in tasks]
     seed_everything(seed)
     model = build_model(run["model"]["name"], num_classes=spec["classes_per_task"],
                         **run["model"]["options"]).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
-    order_gen = torch.Generator().manual_seed(seed)
-    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
-    flip = bool(run["preprocess"].get("flip", False))
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop or flip else None
-    bs = int(run["batch_size"])
+    order_gen, augment_gen = task_generators(run, seed, device)
     matrix: list[list[float]] = []  # matrix[i][t]: test accuracy on task t after learning task i
     history, status, diverged = [], STATUS_OK, None
     for task_index, images in enumerate(per_task):
-        optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task
-        n = len(images.y_train)
-        if run["schedule"]["name"] == "onecycle":
-            raise ValueError("the task-sequence trainer steps schedules per epoch; OneCycle is per batch")
-        scheduler = build_scheduler(optimizer, run["schedule"])
-        for epoch in range(1, int(run["epochs"]) + 1):
-            perm = torch.randperm(n, generator=order_gen).to(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            lr = optimizer.param_groups[0]["lr"]
-            for i in range(0, n, bs):
-                idx = perm[i:i + bs]
-                xb, yb = images.x_train[idx], images.y_train[idx]
-                if augment_gen is not None:
-                    xb = augment_batch(xb, crop, flip, augment_gen)
-                loss, _ = optimisation_step(model, handle, optimizer, images.prepare(xb), yb,
-                                            run["optimizer"].get("clip_grad_norm"))
-                loss_sum += loss.detach().double() * len(idx)
-            train_loss = (loss_sum / n).item()
-            if not math.isfinite(train_loss):
-                status, diverged = STATUS_DIVERGED, {"task": task_index + 1, "epoch": epoch}
-                break
-            if scheduler is not None:
-                scheduler.step()
-            if epoch == int(run["epochs"]):
-                val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
-                history.append({"task": task_index + 1, "epoch": epoch, "lr": lr,
-                                "train_loss": train_loss, "val_acc": val_acc})
-        if status != STATUS_OK:
+        entries, diverged = train_task(model, handle, images, run, order_gen, augment_gen,
+                                       task=task_index + 1)
+        history += entries
+        if diverged is not None:
+            status = STATUS_DIVERGED
             break
         row = [evaluate_split(model, t, t.x_test, t.y_test)[0] for t in per_task]
         matrix.append(row)

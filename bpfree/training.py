@@ -158,19 +158,19 @@ def device_images(data, run: dict, device: torch.device) -> DeviceImages:
 
     x_tr, x_va, x_te = take(data.x_train, tr_idx), take(data.x_train, va_idx), take(data.x_test, test_idx)
     resize = run["preprocess"].get("resize")
-    if resize:
-        # Bilinear resize once, in float [0, 1]; per-batch work is then only the normalisation.
-        def rs(x):
-            if x.shape[-1] == resize and x.shape[-2] == resize:
-                return x
-            return F.interpolate(x.float().div(255.0), size=(resize, resize), mode="bilinear",
-                                 align_corners=False)
-        x_tr, x_va, x_te = rs(x_tr), rs(x_va), rs(x_te)
+    x_tr, x_va, x_te = (resize_images(x, resize) for x in (x_tr, x_va, x_te))
     mean, std = normalisation(data, device)
     return DeviceImages(
         x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
         bool(run["preprocess"].get("normalize", True)), num_classes, draw,
     )
+
+
+def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Bilinear resize once, in float [0, 1]; per-batch work is then only the normalisation."""
+    if not size or (x.shape[-1] == size and x.shape[-2] == size):
+        return x
+    return F.interpolate(x.float().div(255.0), size=(size, size), mode="bilinear", align_corners=False)
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -475,8 +475,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 
 
 # Sources whose change can change a run's numbers (the train stage's code deps in dvc.yaml).
-CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "metrics.py", "models.py",
-                "rules", "data")
+CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "transfer.py", "metrics.py",
+                "models.py", "pruning.py", "rules", "data")
 
 
 def code_hash() -> str:

@@ -138,6 +138,8 @@ def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
     if metrics.get("task_accuracy") is not None:
         return {"checked": False, "reason": "task-sequence run: no single final model to re-check; "
                                             "its per-task accuracy matrix is recorded"}
+    if metrics.get("transfer") is not None:
+        return {"checked": False, "reason": "transfer run: its metrics are its record (no checkpoint kept)"}
     if not ckpt.is_file():
         return {"checked": False, "reason": f"no checkpoint at {ckpt} (not pulled from the DVC cache?)"}
     device = select_device(run["device"]) if run["device"] != "cuda" or torch.cuda.is_available() \

@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
     from bpfree.data import load_prepared
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.continual import train_continual
+    from bpfree.transfer import train_transfer
     from bpfree.training import code_hash, data_hash, select_device, train_run
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
@@ -96,6 +97,8 @@ def main(argv: list[str]) -> int:
         log(f"  {run['run_id']}: training (config {chash})")
         if run.get("continual"):
             metrics = train_continual(run, data, device, log=log)
+        elif run.get("transfer"):
+            metrics = train_transfer(run, data, device, log=log)
         else:
             metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
         metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])

@@ -1,0 +1,86 @@
+"""Transfer with sign preservation (LFP E5): shared pre-training, head swap, sign-flip count."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bpfree.config import ConfigError, resolve_experiment, run_configs, validate_params
+from bpfree.models import build_model
+from bpfree.pruning import sign_flip_fraction
+from bpfree.transfer import output_layer_name, replace_output_layer, train_transfer
+
+
+def tiny_run(rule="bp", seed=0, lr=0.05):
+    return {"dataset": "mnist", "seed": seed, "threads": 1, "device": "cpu", "data_seed": 0,
+            "model": {"name": "mlp", "options": {"in_features": 784, "depth": 1, "width": 16}},
+            "rule": {"name": rule, "options": {}},
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
+            "schedule": {"name": "none"}, "batch_size": 256, "epochs": 1, "val_size": 0,
+            "selection": "final", "preprocess": {"normalize": True, "resize": None},
+            "train_subset": 2048, "test_subset": 1000,
+            "transfer": {"source_classes": [0, 1, 2, 3, 4], "target_classes": [5, 6, 7, 8, 9],
+                         "source_epochs": 1}}
+
+
+def test_head_swap_replaces_only_the_last_linear_deterministically():
+    torch.manual_seed(0)
+    model = build_model("lenet_mnist", num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name = replace_output_layer(model, 3, seed=7)
+    assert name == output_layer_name(model)
+    head = model.get_submodule(name)
+    assert isinstance(head, nn.Linear) and head.out_features == 3
+    after = model.state_dict()
+    for k, v in before.items():
+        if not k.startswith(name + "."):
+            assert torch.equal(v, after[k])
+    other = build_model("lenet_mnist", num_classes=5)
+    replace_output_layer(other, 3, seed=7)
+    assert torch.equal(other.get_submodule(name).weight, head.weight)  # the seed fixes the new head
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_every_rule_of_a_seed_fine_tunes_the_same_pretrained_net(mnist):
+    bp, lfp = train_transfer(tiny_run("bp"), mnist, "cpu"), train_transfer(tiny_run("lfp_eps"), mnist, "cpu")
+    assert bp["status"] == lfp["status"] == "OK"
+    assert bp["scalars"]["source_test_acc_pct"] == lfp["scalars"]["source_test_acc_pct"] > 80.0
+    assert bp["final_test_acc"] > 60.0  # the new 5-way head learnt digits 5-9
+    assert bp["sizes"]["source"]["train"] == bp["sizes"]["target"]["train"] == 2048
+    for m in (bp, lfp):
+        assert 0.0 <= m["scalars"]["sign_flip_pct"] <= 100.0
+        assert m["transfer"]["replaced_head"] == output_layer_name(build_model("mlp", num_classes=5, in_features=784, depth=1, width=16))
+
+
+def test_sign_flips_count_only_weights_and_can_be_large():
+    a = {"w.weight": torch.tensor([[1.0, -1.0], [2.0, 0.0]]), "w.bias": torch.tensor([1.0, 1.0])}
+    b = {"w.weight": torch.tensor([[-1.0, -1.0], [2.0, 3.0]]), "w.bias": torch.tensor([-1.0, -1.0])}
+    assert sign_flip_fraction(a, b) == pytest.approx(2 / 4)  # biases are not counted
+
+
+def test_a_large_gradient_step_flips_more_signs_than_a_tiny_one(mnist):
+    big = train_transfer(tiny_run("bp", lr=0.5), mnist, "cpu")
+    small = train_transfer(tiny_run("bp", lr=1e-5), mnist, "cpu")
+    assert small["scalars"]["sign_flip_pct"] < big["scalars"]["sign_flip_pct"]
+    assert small["scalars"]["sign_flip_pct"] < 0.5
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"target_classes": [4, 5, 6]}, "target_classes"),       # overlaps the source classes
+    ({"source_classes": [0, 10]}, "source_classes[1]"),      # MNIST has classes 0..9
+    ({"source_classes": [3]}, "source_classes"),             # one class is no task
+    ({"source_epochs": 0}, "source_epochs"),
+    ({"source_rule": "nope"}, "source_rule"),
+])
+def test_bad_transfer_specs_name_the_field(params, change, field):
+    p = copy.deepcopy(params)
+    p["experiments"]["E5_mnist_transfer"]["transfer"].update(change)
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        validate_params(p)
+
+
+def test_transfer_experiment_resolves_with_its_spec(params):
+    exp = resolve_experiment(params, "E5_mnist_transfer", "cpu")
+    runs = run_configs(params, "E5_mnist_transfer", "cpu")
+    assert {r["rule"]["name"] for r in runs} == {"bp", "lfp_eps"}
+    assert all(r["transfer"] == exp["transfer"] for r in runs)
