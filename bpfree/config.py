@@ -357,29 +357,53 @@ def _sweep_values(v, path) -> list:
     return v
 
 
-DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
+DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200,
+                   "cub200": 200}
 
 
 def _validate_transfer(exp: dict, path: str, ctx: dict) -> None:
+    """Pre-training on source classes of the same dataset, or published weights (`pretrained`)."""
+    from bpfree.data.weights import PRETRAINED
+
     t = _mapping(exp["transfer"], path)
-    _keys(t, {"source_classes": True, "target_classes": True, "source_epochs": True,
-              "source_rule": False}, path)
+    _keys(t, {"source_classes": False, "pretrained": False, "target_classes": True,
+              "source_epochs": False, "source_rule": False}, path)
     n = DATASET_CLASSES.get(exp["dataset"])
     if n is None:
         raise ConfigError(f"{path}", exp["dataset"], "transfer needs an image classification dataset",
                           sorted(DATASET_CLASSES))
-    for key in ("source_classes", "target_classes"):
+    if ("source_classes" in t) == ("pretrained" in t):
+        raise ConfigError(path, t, "needs exactly one of source_classes (pre-train here) or pretrained")
+    if "pretrained" in t:
+        _choice(t["pretrained"], f"{path}.pretrained", sorted(PRETRAINED))
+        weights = PRETRAINED[t["pretrained"]]
+        if exp["model"]["name"] != weights.model:
+            raise ConfigError(f"{path}.pretrained", t["pretrained"],
+                              f"holds {weights.model} weights but the model is {exp['model']['name']}")
+        for key in ("source_epochs", "source_rule"):
+            if key in t:
+                raise ConfigError(f"{path}.{key}", t[key], "only applies to source_classes pre-training")
+    lists = ("source_classes", "target_classes") if "source_classes" in t else ("target_classes",)
+    for key in lists:
         v = t[key]
+        if key == "target_classes" and v == "all":
+            continue
         if not isinstance(v, list) or len(v) < 2 or len(set(v)) != len(v):
-            raise ConfigError(f"{path}.{key}", v, "must be a list of at least 2 distinct class indices")
+            raise ConfigError(f"{path}.{key}", v, "must be 'all' or a list of at least 2 distinct class "
+                              "indices" if key == "target_classes" else
+                              "must be a list of at least 2 distinct class indices")
         for i, c in enumerate(v):
             _int(c, f"{path}.{key}[{i}]", 0)
             if c >= n:
                 raise ConfigError(f"{path}.{key}[{i}]", c, f"{exp['dataset']} has classes 0..{n - 1}")
-    if set(t["source_classes"]) & set(t["target_classes"]):
-        raise ConfigError(f"{path}.target_classes", t["target_classes"], "must not overlap source_classes")
-    _int(t["source_epochs"], f"{path}.source_epochs", 1)
-    _choice(t.get("source_rule", "bp"), f"{path}.source_rule", ctx["rules"])
+    if "source_classes" in t:
+        target = range(n) if t["target_classes"] == "all" else t["target_classes"]
+        if set(t["source_classes"]) & set(target):
+            raise ConfigError(f"{path}.target_classes", t["target_classes"], "must not overlap source_classes")
+        if "source_epochs" not in t:
+            raise ConfigError(f"{path}.source_epochs", None, "pre-training on source_classes needs it")
+        _int(t["source_epochs"], f"{path}.source_epochs", 1)
+        _choice(t.get("source_rule", "bp"), f"{path}.source_rule", ctx["rules"])
     for other in ("continual", "train_data", "sweep"):
         if exp.get(other):
             raise ConfigError(path, t, f"cannot be combined with {other}")

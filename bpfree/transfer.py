@@ -1,7 +1,8 @@
 """Transfer with sign preservation (LFP paper, claims.md E5): pre-train, swap the head, fine-tune.
 
-Protocol: the run seed fixes one pre-training (gradient descent on the source classes), so
-every fine-tuning rule of a seed starts from the same weights; the output layer is replaced
+Protocol: the run seed fixes one pre-training (gradient descent on the source classes), or
+published weights are loaded (ImageNet ResNet-18 for CUB), so every fine-tuning rule of a
+seed starts from the same weights; the output layer is replaced
 by a freshly initialised one for the target classes; the rule under test then fine-tunes the
 whole net. Reported: target test accuracy, source test accuracy before fine-tuning, and the
 fraction of pre-trained weights (the head excluded: it is new) whose sign changed. LFP's
@@ -57,29 +58,55 @@ def replace_output_layer(model: nn.Module, num_classes: int, seed: int) -> str:
     return name
 
 
+def target_classes(spec: dict, num_classes: int) -> list[int]:
+    return list(range(num_classes)) if spec["target_classes"] == "all" else list(spec["target_classes"])
+
+
+def pretrained_model(run: dict, device) -> nn.Module:
+    """The run's model holding published pre-trained weights (loaded strictly: every key)."""
+    from bpfree.data.weights import PRETRAINED, load_pretrained_state
+
+    weights = PRETRAINED[run["transfer"]["pretrained"]]
+    model = build_model(weights.model, num_classes=weights.num_classes,
+                        **{**run["model"]["options"], **weights.model_options})
+    model.load_state_dict(load_pretrained_state(weights.name), strict=True)
+    return model.to(device)
+
+
 def train_transfer(run: dict, data, device, *, log=None) -> dict:
-    """Pre-train with `source_rule`, replace the head, fine-tune with the run's rule."""
+    """Pre-train with `source_rule` (or load published weights), swap the head, fine-tune."""
     wall0 = time.perf_counter()
     device = torch.device(device)
     set_determinism(run.get("threads"))
     seed = int(run["seed"])
     spec = run["transfer"]
-    source, target = (limit_images(task_images(data, spec[key], seed, device, run["preprocess"].get("resize")), run.get("train_subset"),
-                                   run.get("test_subset"), seed)
-                      for key in ("source_classes", "target_classes"))
-    seed_everything(seed)
-    model = build_model(run["model"]["name"], num_classes=len(spec["source_classes"]),
-                        **run["model"]["options"]).to(device)
+    classes = {"target": target_classes(spec, int(data.num_classes))}
+    if spec.get("source_classes"):
+        classes["source"] = list(spec["source_classes"])
+    images = {key: limit_images(task_images(data, cls, seed, device, run["preprocess"].get("resize")),
+                                run.get("train_subset"), run.get("test_subset"), seed)
+              for key, cls in classes.items()}
+    target = images["target"]
     order_gen, augment_gen = task_generators(run, seed, device)
-
-    pre = apply_rule(model, spec.get("source_rule", "bp"))
-    history, diverged = train_task(model, pre, source, run, order_gen, augment_gen, task=1,
-                                   epochs=int(spec["source_epochs"]))
-    pre.remove()
-    source_acc = evaluate_split(model, source, source.x_test, source.y_test)[0] if diverged is None else None
-    if log and source_acc is not None:
-        log(f"  pre-trained on {spec['source_classes']}: test {source_acc:.2f}%")
-    head = replace_output_layer(model, len(spec["target_classes"]), seed + 2)
+    history, diverged, source_acc = [], None, None
+    if "source" in images:
+        source = images["source"]
+        seed_everything(seed)
+        model = build_model(run["model"]["name"], num_classes=len(classes["source"]),
+                            **run["model"]["options"]).to(device)
+        pre = apply_rule(model, spec.get("source_rule", "bp"))
+        history, diverged = train_task(model, pre, source, run, order_gen, augment_gen, task=1,
+                                       epochs=int(spec["source_epochs"]))
+        pre.remove()
+        if diverged is None:
+            source_acc = evaluate_split(model, source, source.x_test, source.y_test)[0]
+            if log:
+                log(f"  pre-trained on {classes['source']}: test {source_acc:.2f}%")
+    else:
+        model = pretrained_model(run, device)
+        if log:
+            log(f"  loaded pre-trained weights {spec['pretrained']}")
+    head = replace_output_layer(model, len(classes["target"]), seed + 2)
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(head + ".")}
 
     final, counts, scalars = None, {}, {}
@@ -93,22 +120,23 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
     if status == STATUS_OK:
         final = evaluate_split(model, target, target.x_test, target.y_test)[0]
         after = {k: v.detach() for k, v in model.state_dict().items() if k in before}
-        scalars = {"source_test_acc_pct": source_acc,
-                   "sign_flip_pct": 100.0 * sign_flip_fraction(before, after)}
+        scalars = {"sign_flip_pct": 100.0 * sign_flip_fraction(before, after)}
+        if source_acc is not None:
+            scalars["source_test_acc_pct"] = source_acc
         if log:
-            log(f"  fine-tuned on {spec['target_classes']}: test {final:.2f}%, "
+            log(f"  fine-tuned on {len(classes['target'])} classes: test {final:.2f}%, "
                 f"{scalars['sign_flip_pct']:.2f}% of pre-trained weights flipped sign")
     manifest = getattr(data, "manifest", {}) or {}
     return _json_safe({
         "status": status, "diverged_epoch": diverged, "history": history,
-        "transfer": {"source_classes": list(spec["source_classes"]),
-                     "target_classes": list(spec["target_classes"]), "replaced_head": head},
+        "transfer": {"source_classes": classes.get("source"), "pretrained": spec.get("pretrained"),
+                     "target_classes": classes["target"], "replaced_head": head},
         "scalars": scalars, "selection": "final", "selected_epoch": None,
         "selected_test_acc": final, "final_test_acc": final, "best_test_epoch": None,
         "best_test_acc_test_selected": None, "epochs_completed": len(history), "curves": None,
         "train_data_draw": None,
         "sizes": {name: {"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
-                  for name, t in (("source", source), ("target", target))},
+                  for name, t in images.items()},
         "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
         "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
         "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},

@@ -61,6 +61,16 @@ def main(argv: list[str]) -> int:
         atomic_write_json(not_run, {"reason": f"data missing: {message}", "profile": profile})
         log(f"[{profile}] {args.experiment}: NOT RUN, {exp['dataset']} is missing:\n{message}")
         return 0
+    pretrained = (exp.get("transfer") or {}).get("pretrained")
+    if pretrained:
+        from bpfree.data import MissingDataError
+        from bpfree.data.weights import locate_weights
+        try:
+            locate_weights(pretrained)
+        except MissingDataError as error:
+            atomic_write_json(not_run, {"reason": f"weights missing: {error}", "profile": profile})
+            log(f"[{profile}] {args.experiment}: NOT RUN, weights {pretrained} are missing:\n{error}")
+            return 0
     not_run.unlink(missing_ok=True)
     runs = run_configs(params, args.experiment, profile)
     if args.rules:

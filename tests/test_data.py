@@ -71,7 +71,7 @@ def files_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_registry_lists_every_dataset_and_rejects_unknown_names(tmp_path):
     assert data.list_datasets() == sorted(
-        ["mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet",
+        ["mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "cub200",
          "sst2", "rte", "sick", "mnli"])
     with pytest.raises(ValueError) as caught:
         data.prepare_dataset("imagenet", tmp_path)

@@ -84,3 +84,87 @@ def test_transfer_experiment_resolves_with_its_spec(params):
     runs = run_configs(params, "E5_mnist_transfer", "cpu")
     assert {r["rule"]["name"] for r in runs} == {"bp", "lfp_eps"}
     assert all(r["transfer"] == exp["transfer"] for r in runs)
+
+
+def test_cub_layout_is_read_with_its_official_split(tmp_path):
+    from PIL import Image
+
+    from bpfree import data
+
+    root = tmp_path / "raw" / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    rows, labels, split = [], [], []
+    image_id = 0
+    for c, name in enumerate(classes):
+        (root / "images" / name).mkdir(parents=True)
+        for i, size in enumerate([(300, 200), (180, 260)]):
+            image_id += 1
+            rel = f"{name}/img_{i}.jpg"
+            Image.new("RGB", size, (c * 120, i * 50, 9)).save(root / "images" / rel)
+            rows.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {1 if i == 0 else 0}")
+    (root / "images.txt").write_text("\n".join(rows) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{i + 1} {n}" for i, n in enumerate(classes)) + "\n")
+
+    with pytest.raises(data.ChecksumError):  # no pinned release yet: refused unless asked
+        data.prepare_dataset("cub200", tmp_path / "out", raw_dir=tmp_path / "raw")
+    manifest = data.prepare_dataset("cub200", tmp_path / "out", raw_dir=tmp_path / "raw", allow_unpinned=True)
+    assert manifest["class_names"] == ["Black footed Albatross", "Laysan Albatross"]
+    loaded = data.load_prepared(tmp_path / "out")
+    assert loaded.x_train.shape == (2, 3, 224, 224) and loaded.x_test.shape == (2, 3, 224, 224)
+    assert loaded.y_train.tolist() == [0, 1] and loaded.y_test.tolist() == [0, 1]
+
+
+def test_missing_or_corrupt_weights_give_one_clear_error(tmp_path, monkeypatch):
+    from bpfree.data import ChecksumError, MissingDataError
+    from bpfree.data import weights
+
+    monkeypatch.setenv("BPFREE_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MissingDataError, match="resnet18-f37072fd.pth"):
+        weights.locate_weights("resnet18_imagenet", tmp_path)
+    bad = tmp_path / "weights" / "resnet18-f37072fd.pth"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not weights")
+    with pytest.raises(ChecksumError, match="f37072fd"):
+        weights.locate_weights("resnet18_imagenet", tmp_path)
+    with pytest.raises(MissingDataError, match="unknown pre-trained weights"):
+        weights.locate_weights("vgg_nope", tmp_path)
+
+
+def test_pretrained_transfer_loads_every_weight_then_swaps_the_head(tmp_path, monkeypatch, mnist):
+    """A stand-in weights file (an MLP's state dict, registered with its own hash) takes the
+    same path as the ImageNet ResNet-18: located, hash-checked, loaded strictly."""
+    import hashlib
+
+    from bpfree.data import weights
+
+    torch.manual_seed(3)
+    source = build_model("mlp", num_classes=10, in_features=784, depth=1, width=16)
+    path = tmp_path / "weights" / "mlp-test.pth"
+    path.parent.mkdir()
+    torch.save(source.state_dict(), path)
+    prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    fake = weights.PretrainedWeights("mlp_test", "mlp", {}, 10, "mlp-test.pth", "https://example.invalid", prefix)
+    monkeypatch.setitem(weights.PRETRAINED, "mlp_test", fake)
+    monkeypatch.setenv("BPFREE_DATA_DIR", str(tmp_path))
+    run = tiny_run("bp", lr=1e-6)
+    run["transfer"] = {"pretrained": "mlp_test", "target_classes": [5, 6, 7, 8, 9]}
+    m = train_transfer(run, mnist, "cpu")
+    assert m["status"] == "OK" and "source_test_acc_pct" not in m["scalars"]
+    assert m["scalars"]["sign_flip_pct"] < 0.5  # a tiny lr barely moves the loaded weights
+    assert m["transfer"]["pretrained"] == "mlp_test" and m["sizes"].keys() == {"target"}
+
+
+def test_transfer_needs_exactly_one_source(params):
+    p = copy.deepcopy(params)
+    p["experiments"]["E5_mnist_transfer"]["transfer"]["pretrained"] = "resnet18_imagenet"
+    with pytest.raises(ConfigError, match="exactly one"):
+        validate_params(p)
+    p = copy.deepcopy(params)
+    p["experiments"]["E5_cub_resnet18"]["model"] = {"name": "vgg_cifar", "options": {}}
+    with pytest.raises(ConfigError, match="holds resnet18 weights"):
+        validate_params(p)

@@ -23,6 +23,7 @@ GLUE_HUB_ID = "nyu-mll/glue"
 # Unverified from this offline machine: the Hub copy of SICK with the original columns.
 SICK_HUB_ID = "RobZamp/sick"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+CUB200_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 
 
 class DownloadFailed(Exception):

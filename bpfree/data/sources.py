@@ -209,6 +209,57 @@ def read_tiny_imagenet(files: dict[str, Path]) -> ImageArrays:
     )
 
 
+CUB_IMAGE_SIZE = 224  # ImageNet evaluation transform, once at prepare time: short side 256, centre 224
+
+
+def _read_rgb_centre_crop(path: Path, size: int = CUB_IMAGE_SIZE) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = round(size * 256 / 224) / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def read_cub200(files: dict[str, Path]) -> ImageArrays:
+    """CUB-200-2011 with its official train/test split; labels 0..199 in classes.txt order.
+
+    Bird photos vary in size, so each is resized (short side 256) and centre-cropped to
+    224 x 224 once here, the transfer protocol's input size for ImageNet-pretrained nets.
+    """
+    root = files["CUB_200_2011/"]
+
+    def table(name: str) -> dict[int, str]:
+        rows = {}
+        for line in (root / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                key, value = line.split(maxsplit=1)
+                rows[int(key)] = value.strip()
+        return rows
+
+    paths, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
+    classes = table("classes.txt")
+    if not paths or set(paths) != set(labels) or set(paths) != set(is_train):
+        raise DataError(f"{root}: images.txt, image_class_labels.txt and train_test_split.txt "
+                        "do not list the same image ids")
+    names = tuple(classes[k].split(".", 1)[-1].replace("_", " ") for k in sorted(classes))
+    split = {True: ([], []), False: ([], [])}
+    for image_id in sorted(paths):
+        xs, ys = split[is_train[image_id] == "1"]
+        xs.append(_read_rgb_centre_crop(root / "images" / paths[image_id]))
+        ys.append(int(labels[image_id]) - 1)
+
+    def stack(xs):
+        if not xs:
+            raise DataError(f"no images in one split of {root}")
+        return np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))
+
+    return ImageArrays(stack(split[True][0]), np.asarray(split[True][1], dtype=np.int64),
+                       stack(split[False][0]), np.asarray(split[False][1], dtype=np.int64), names)
+
 # ---------------------------------------------------------------- text readers
 
 
@@ -345,6 +396,12 @@ RAW_SOURCES: dict[str, RawSource] = {
             ("tiny-imagenet-200/",),
             read_tiny_imagenet,
             partial(downloads.download_archive, downloads.TINY_IMAGENET_URL),
+        ),
+        RawSource(
+            "cub200", "images", "CUB-200-2011 birds, 5994 train / 5794 test, 224x224 centre crops",
+            ("CUB_200_2011/",),
+            read_cub200,
+            partial(downloads.download_archive, downloads.CUB200_URL),
         ),
         RawSource(
             "sst2", "text", "GLUE SST-2 sentiment, train/dev",
