@@ -168,3 +168,18 @@ def test_transfer_needs_exactly_one_source(params):
     p["experiments"]["E5_cub_resnet18"]["model"] = {"name": "vgg_cifar", "options": {}}
     with pytest.raises(ConfigError, match="holds resnet18 weights"):
         validate_params(p)
+
+
+def test_torchvision_resnet18_weights_load_strictly_into_the_imagenet_stem_model():
+    """The layout the ImageNet file has: every key and shape of torchvision's ResNet-18."""
+    import torchvision
+
+    from bpfree.data.weights import PRETRAINED
+
+    spec = PRETRAINED["resnet18_imagenet"]
+    reference = torchvision.models.resnet18(weights=None, num_classes=spec.num_classes)
+    model = build_model(spec.model, num_classes=spec.num_classes, **spec.model_options)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    reference.eval(), model.eval()
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
