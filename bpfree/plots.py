@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Stable colours per rule so the same rule looks the same in every figure.
 RULE_COLOURS = {"bp": "black", "fa": "tab:red", "adafa": "tab:orange", "usf": "tab:blue",
                 "brsf": "tab:cyan", "frsf": "tab:purple", "dfa": "tab:green", "kp": "tab:brown",
-                "wm": "tab:pink"}
+                "wm": "tab:pink", "backman": "tab:olive", "lfp_eps": "tab:green", "lfp0": "tab:gray"}
 PNG_METADATA = {"Software": None}  # no version stamp: same data, same bytes
 
 
@@ -164,6 +164,75 @@ def plot_task_matrix(results_dir: Path, spec: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_pruning(summary: dict, spec: dict, path: Path) -> Path | None:
+    """Accuracy of the pruned (not fine-tuned) models against the fraction pruned, one panel
+    per pruning method, one line per rule; from the evaluate stage's pruned_acc_* scalars."""
+    rules = (summary["experiments"][spec["experiment"]].get("rules") or {})
+    methods = spec.get("methods") or ["global_magnitude", "layer_magnitude", "relevance"]
+    data = {}
+    for rule, entry in rules.items():
+        for name, stats in (entry.get("scalar_stats") or {}).items():
+            method, _, fraction = name.removeprefix("pruned_acc_").partition("/")
+            if name.startswith("pruned_acc_") and method in methods and stats.get("mean") is not None:
+                data.setdefault(method, {}).setdefault(rule, []).append(
+                    (float(fraction), stats["mean"], stats.get("se") or 0.0))
+    if not data:
+        return None
+    shown = [m for m in methods if m in data]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.8 * len(shown), 3.2), layout="constrained",
+                             squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], shown):
+        for rule, points in sorted(data[method].items()):
+            points.sort()
+            ax.errorbar([100 * p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        marker="o", ms=2, capsize=1.5, lw=1.1, label=rule, color=RULE_COLOURS.get(rule))
+        ax.set_title(method.replace("_", " "), fontsize=9)
+        ax.set_xlabel("weights pruned %")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy %")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), no fine-tuning, mean over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_history(results_dir: Path, spec: dict, path: Path) -> Path | None:
+    """A per-epoch history column (e.g. test_acc) against epoch: one panel per sweep point,
+    one line per rule, mean over seeds."""
+    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    column = spec.get("column", "test_acc")
+    points = spec.get("at") or [None]
+    data: dict = {}
+    for file in sorted(runs_dir.glob("*/metrics.json")):
+        with open(file) as fh:
+            m = json.load(fh)
+        sweep = (m.get("config") or {}).get("sweep")
+        at = str(sweep["value"]) if sweep else None
+        if m.get("status") != "OK" or (spec.get("at") and at not in map(str, points)):
+            continue
+        for h in m.get("history") or []:
+            if h.get(column) is not None:
+                data.setdefault(at, {}).setdefault(m["config"]["rule"]["name"], {}).setdefault(
+                    h["epoch"], []).append(h[column])
+    if not data:
+        return None
+    keys = [str(p) if p is not None else None for p in points]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), layout="constrained",
+                             squeeze=False, sharey=True)
+    for ax, at in zip(axes[0], keys):
+        for rule, by_epoch in sorted((data.get(at) or {}).items()):
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", ms=3,
+                    label=f"{rule} (n={len(by_epoch[epochs[-1]])})", color=RULE_COLOURS.get(rule))
+        if at is not None:
+            ax.set_title(f"{spec.get('at_label', 'sweep')} = {at}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(spec.get("ylabel", column))
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over seeds", fontsize=9)
+    return _save(fig, path)
+
+
 def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | None, str]:
     """Draw one figure spec; returns (path or None, why not drawn)."""
     path = Path(results_dir) / "figures" / f"{spec['name']}.png"
@@ -177,7 +246,9 @@ def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | 
         return None, f"NOT RUN: {exp['not_run']}"
     drawers = {"sweep": lambda: plot_sweep(summary, spec, path),
                "curve": lambda: plot_curves(results_dir, spec, path),
-               "task_matrix": lambda: plot_task_matrix(results_dir, spec, path)}
+               "task_matrix": lambda: plot_task_matrix(results_dir, spec, path),
+               "pruning": lambda: plot_pruning(summary, spec, path),
+               "history": lambda: plot_history(results_dir, spec, path)}
     drawn = drawers[spec["kind"]]()
     if drawn is None:
         path.unlink(missing_ok=True)  # no stale figure of runs that are gone

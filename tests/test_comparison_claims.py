@@ -170,3 +170,31 @@ def test_reports_draw_and_link_figures(registry, tmp_path):
     first = png.read_bytes()
     write_reports(results, registry)
     assert png.read_bytes() == first  # same data, same bytes
+
+
+def test_pruning_and_history_figures_are_drawn_from_results(tmp_path):
+    import json
+
+    from bpfree.plots import plot_history, plot_pruning
+
+    stats = lambda v: {"mean": v, "se": 0.5, "n": 3, "std": 0.8}  # noqa: E731
+    summary_ = {"experiments": {"E2": {"rules": {
+        rule: {"scalar_stats": {f"pruned_acc_global_magnitude/{f}": stats(80 - f * k)
+                                for f in (0.0, 0.5, 0.9)}}
+        for rule, k in (("bp", 40), ("lfp_eps", 10))}}}}
+    png = plot_pruning(summary_, {"experiment": "E2", "profile": "gpu", "methods": ["global_magnitude"]},
+                       tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_pruning({"experiments": {"E2": {"rules": {}}}}, {"experiment": "E2", "profile": "gpu"},
+                        tmp_path / "none.png") is None
+    runs = tmp_path / "cpu" / "runs" / "E4"
+    for rule in ("bp", "lfp_eps"):
+        for at in ("atan", "none"):
+            d = runs / f"{rule}_{at}"
+            d.mkdir(parents=True)
+            d.joinpath("metrics.json").write_text(json.dumps({
+                "status": "OK", "config": {"rule": {"name": rule}, "sweep": {"value": at}},
+                "history": [{"epoch": e, "test_acc": 10.0 * e} for e in (1, 2, 3)]}))
+    spec = {"experiment": "E4", "profile": "cpu", "column": "test_acc", "at": ["atan", "none"]}
+    assert plot_history(tmp_path, spec, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_history(tmp_path, {**spec, "experiment": "nothing"}, tmp_path / "x.png") is None
