@@ -53,7 +53,7 @@ def test_e2_protocol_and_its_cpu_shortening(params):
     gpu = resolve_experiment(params, "E2_cifar10_vgg", "gpu")
     assert gpu["epochs"] == 50 and gpu["optimizer"]["clip_grad_norm"] == 3.0 and not gpu["shortened"]
     cpu = resolve_experiment(params, "E2_cifar10_vgg", "cpu")
-    assert cpu["shortened"] and cpu["pruning"]["test_images"] == 1000
+    assert cpu["shortened"] and cpu["pruning"]["test_images"] == 500 and cpu["pruning"]["step"] == 0.1
     assert cpu["pruning"]["methods"] == ["global_magnitude", "layer_magnitude", "relevance"]
 
 
