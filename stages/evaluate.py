@@ -55,6 +55,9 @@ def run_scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
+TEST_DRAW = "randperm(seed 0)[:test_images], sorted"  # which test images the curves use
+
+
 def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -> dict | None:
     """Pruning curves of a run's checkpoint (no fine-tuning), cached next to its metrics.
 
@@ -81,7 +84,8 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
             return cached
         return None
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    if cached and cached.get("checkpoint_sha256") == digest and cached.get("spec") == spec:
+    if cached and cached.get("checkpoint_sha256") == digest and cached.get("spec") == spec \
+            and cached.get("test_draw") == TEST_DRAW:
         return cached
     # Sixty full test passes of a VGG: on the GPU when the run's machine has one.
     device = torch.device("cuda" if run["device"] == "cuda" and torch.cuda.is_available() else "cpu")
@@ -92,7 +96,9 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     images = device_images(data_cache[key], run, device)
     model = load_checkpoint_model(ckpt, run, images.num_classes, device).eval()
     n_test = min(int(spec.get("test_images", len(images.y_test))), len(images.y_test))
-    x_test, y_test = images.x_test[:n_test], images.y_test[:n_test]
+    # A seeded draw, not the first n: a run's test subset may be ordered by class.
+    pick = torch.randperm(len(images.y_test), generator=torch.Generator().manual_seed(0))[:n_test].sort().values
+    x_test, y_test = images.x_test[pick.to(images.x_test.device)], images.y_test[pick.to(images.y_test.device)]
     batch = int(spec.get("relevance_batch", 256))
     scores = relevance_scores(model, images.prepare(images.x_train[:batch]), images.y_train[:batch])
     step = float(spec.get("step", 0.05))
@@ -102,7 +108,7 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
         curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test)[0],
                                        method, fractions, scores if method == "relevance" else None)
     result = {"checkpoint_sha256": digest, "run_config_hash": metrics["config_hash"], "spec": spec,
-              "test_images": n_test, "device": str(device), "curves": curves, "gini": layer_gini(model)}
+              "test_images": n_test, "test_draw": TEST_DRAW, "device": str(device), "curves": curves, "gini": layer_gini(model)}
     atomic_write_json(cache, result)
     return result
 
