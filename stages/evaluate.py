@@ -132,8 +132,13 @@ def _read(path):
         return None
 
 
-def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
-    """Re-evaluate the final test accuracy from the checkpoint on the run's own test subset."""
+def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = None) -> dict:
+    """Re-evaluate the final test accuracy from the checkpoint on the run's own test subset.
+
+    Checkpoints are DVC outputs, not committed: on a fresh checkout whose runs are up to
+    date they are absent, and the check an earlier evaluation made of these same metrics
+    (same config hash and recorded accuracy) is carried over, marked as such.
+    """
     from bpfree.data import load_prepared
     from bpfree.training import (accuracy, device_images, load_checkpoint_model, select_device,
                                  set_determinism)
@@ -147,6 +152,11 @@ def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
     if metrics.get("transfer") is not None:
         return {"checked": False, "reason": "transfer run: its metrics are its record (no checkpoint kept)"}
     if not ckpt.is_file():
+        if previous and previous.get("checked") \
+                and previous.get("recorded_final_test_acc") == metrics["final_test_acc"] \
+                and previous.get("run_config_hash", metrics["config_hash"]) == metrics["config_hash"]:
+            return {**previous, "run_config_hash": metrics["config_hash"],
+                    "carried_over": "checkpoint absent here; checked by an earlier evaluation of these metrics"}
         return {"checked": False, "reason": f"no checkpoint at {ckpt} (not pulled from the DVC cache?)"}
     device = select_device(run["device"]) if run["device"] != "cuda" or torch.cuda.is_available() \
         else torch.device("cpu")
@@ -161,7 +171,7 @@ def recheck(metrics: dict, run: dict, data_cache: dict) -> dict:
     recorded = metrics["final_test_acc"]
     match = recorded is not None and abs(acc - recorded) <= RECHECK_TOLERANCE
     return {"checked": True, "checkpoint_test_acc": acc, "recorded_final_test_acc": recorded,
-            "match": match, "device": str(device)}
+            "match": match, "device": str(device), "run_config_hash": metrics["config_hash"]}
 
 
 def summarise(params: dict, profile: str) -> dict:
@@ -172,6 +182,7 @@ def summarise(params: dict, profile: str) -> dict:
     from bpfree.config import sweep_label
 
     summary = {"profile": profile, "experiments": {}, "mismatches": []}
+    previous = (_read(summary_path(profile)) or {}).get("experiments", {})
     data_cache: dict = {}
     for exp_id in params["experiments"]:
         exp = resolve_experiment(params, exp_id, profile)
@@ -224,7 +235,8 @@ def summarise(params: dict, profile: str) -> dict:
                     scalars.update(pruning_scalars(pruned))
             for name, value in scalars.items():
                 entry_["scalars"].setdefault(name, {})[seed] = value
-            check = recheck(metrics, run, data_cache)
+            earlier = previous.get(exp_id, {}).get("rules", {}).get(key, {}).get("checkpoint_check", {})
+            check = recheck(metrics, run, data_cache, earlier.get(seed))
             entry_["checkpoint_check"][seed] = check
             if check.get("checked") and not check["match"]:
                 summary["mismatches"].append(f"{exp_id}/{run['run_id']}: checkpoint gives "
