@@ -25,7 +25,7 @@ DEVICES = ("cpu", "cuda", "auto")
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
-    "train_data", "skip", "model_options", "pruning",
+    "train_data", "skip", "model_options", "pruning", "rules",
 )
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
@@ -335,14 +335,24 @@ def _validate_sweep(sw, exp, path) -> None:
         if key not in valid:
             raise ConfigError(f"{path}.param", param, f"not an option of model {exp['model']['name']!r}",
                               [f"model.options.{k}" for k in valid])
+    elif param.startswith("rule.options."):
+        from bpfree.rules import get_rule_class
+        option = param[len("rule.options."):]
+        for rule in exp.get("rules") or {}:
+            valid = sorted(get_rule_class(rule).defaults)
+            if option not in valid:
+                raise ConfigError(f"{path}.param", param, f"not an option of rule {rule!r} (a rule-option "
+                                  "sweep needs every rule of the experiment to take it)",
+                                  [f"rule.options.{k}" for k in valid])
     elif head == "train_data" and exp.get("train_data"):
         valid = sorted(TRAIN_DATA_KINDS[exp["train_data"]["kind"]])
         if key not in valid:
             raise ConfigError(f"{path}.param", param, "not a train_data option",
                               [f"train_data.{k}" for k in valid])
     else:
-        raise ConfigError(f"{path}.param", param, "a sweep varies a model option or a train_data "
-                          "option", ["model.options.<option>", "train_data.<option>"])
+        raise ConfigError(f"{path}.param", param, "a sweep varies a model option, a rule option or a "
+                          "train_data option", ["model.options.<option>", "rule.options.<option>",
+                                                "train_data.<option>"])
     _sweep_values(sw["values"], f"{path}.values")
 
 
@@ -448,6 +458,9 @@ def _validate_override(o, path) -> None:
         _int(o["log_every"], f"{path}.log_every", 1)
     if "sweep_values" in o:
         _sweep_values(o["sweep_values"], f"{path}.sweep_values")
+    if "rules" in o and (not isinstance(o["rules"], list) or not o["rules"]
+                         or not all(isinstance(r, str) for r in o["rules"])):
+        raise ConfigError(f"{path}.rules", o["rules"], "must be a non-empty list of the experiment's rule names")
     for key in ("train_data", "model_options", "pruning"):  # merged into the experiment's own
         if key in o:
             _mapping(o[key], f"{path}.{key}")
@@ -603,6 +616,14 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
     elif "sweep_values" in override:
         raise ConfigError(f"profiles.{profile}.{exp_id}.sweep_values", override["sweep_values"],
                           "the experiment has no sweep")
+    if "rules" in override:  # a profile may run a subset of the rules (a cheaper budget)
+        unknown = [r for r in override["rules"] if r not in exp["rules"]]
+        if unknown:
+            raise ConfigError(f"profiles.{profile}.{exp_id}.rules", override["rules"],
+                              f"not rules of the experiment: {unknown}", list(exp["rules"]))
+        if list(override["rules"]) != list(exp["rules"]):
+            deviations.append(f"rules {list(override['rules'])} (protocol {list(exp['rules'])})")
+        exp["rules"] = {r: exp["rules"][r] for r in override["rules"]}
     exp["skip"] = override.get("skip")
     if override.get("pruning"):
         if not exp.get("pruning"):

@@ -198,17 +198,28 @@ def mlp(
     negative_slope: float = 0.01,
     bias: bool = True,
     init: str = "default",
+    widths: list[int] | None = None,
 ) -> nn.Module:
-    """Fully connected net; depth=0 is a linear classifier. Flattens any (B, *) input."""
-    if depth < 0:
-        raise ValueError(f"depth must be >= 0, got {depth}")
+    """Fully connected net; depth=0 is a linear classifier. Flattens any (B, *) input.
+
+    `widths` (e.g. [256, 128]) gives unequal hidden layers and overrides depth and width.
+    """
+    if widths is not None:
+        if not isinstance(widths, (list, tuple)) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ValueError(f"widths must be a list of positive ints, got {widths!r}")
+        hidden = list(widths)
+    else:
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        hidden = [width] * depth
     make_activation(activation, negative_slope)  # reject an unknown name before building
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     features = in_features
-    for index in range(1, depth + 1):
-        layers[f"fc{index}"] = nn.Linear(features, width, bias=bias)
+    for index, size in enumerate(hidden, start=1):
+        layers[f"fc{index}"] = nn.Linear(features, size, bias=bias)
         layers[f"act{index}"] = make_activation(activation, negative_slope)
-        features = width
+        features = size
     layers["classifier"] = nn.Linear(features, num_classes, bias=bias)
     return init_weights(nn.Sequential(layers), init, width=width)
 
@@ -283,6 +294,32 @@ def vgg_cifar(
     layers["fc2_dropout"] = nn.Dropout(dropout)
     layers["classifier"] = nn.Linear(512, num_classes)
     return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+
+
+@register_model("vgg_gap")
+def vgg_gap(
+    num_classes: int = 10, in_channels: int = 3, channels: list[int] = (64, 64, 128, 128, 256, 256),
+    hidden: int = 256, init: str = "default",
+) -> nn.Module:
+    """Pairs of 3x3 convs, each pair followed by 2x2 max-pooling, then global average pooling
+    and one hidden Linear: the CNN backbone of the leader-follower paper's CIFAR-10 runs."""
+    channels = list(channels)
+    if not channels or len(channels) % 2 or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"channels must be an even-length list of positive ints, got {channels!r}")
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    previous = in_channels
+    for index, out_channels in enumerate(channels, start=1):
+        layers[f"conv{index}"] = nn.Conv2d(previous, out_channels, kernel_size=3, padding=1)
+        layers[f"relu{index}"] = nn.ReLU()
+        previous = out_channels
+        if index % 2 == 0:
+            layers[f"pool{index // 2}"] = nn.MaxPool2d(2)
+    layers["avgpool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc1"] = nn.Linear(previous, hidden)
+    layers["fc1_relu"] = nn.ReLU()
+    layers["classifier"] = nn.Linear(hidden, num_classes)
+    return init_weights(nn.Sequential(layers), init)
 
 
 # ------------------------------------------------------------------- step and spiking nets

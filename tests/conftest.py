@@ -8,6 +8,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BPFREE_DATA_DIR", REPO.parent / "shared" / "data"))
 
+# Options the every-rule tests need on their tiny nets: LFNN splits each hidden layer into
+# 32 workers by default, which does not divide widths of 4-16 units.
+TINY_NET_RULE_OPTIONS = {"lfnn": {"workers": 2}, "lfnn_l": {"workers": 2}}
+
+
+def tiny_options(rule: str) -> dict:
+    return TINY_NET_RULE_OPTIONS.get(rule, {})
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 

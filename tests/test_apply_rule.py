@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+
+from conftest import tiny_options
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -30,7 +32,9 @@ def _is_mha_out(model, layer):
 
 
 def original_weights(model):
-    return [(n, p) for n, p in model.named_parameters() if not n.endswith("feedback_weight")]
+    """The model's own parameters, without state a rule adds (KP's B, LFNN's read-outs)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if not n.endswith(("feedback_weight", "lf_readout_weight", "lf_readout_bias"))]
 
 
 def train_step(model, handle, x, y, lr=0.01):
@@ -38,7 +42,8 @@ def train_step(model, handle, x, y, lr=0.01):
     before = {n: p.detach().clone() for n, p in original_weights(model)}
     opt.zero_grad()
     loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    local = handle.local_loss(y)  # None except for rules with local objectives (LFNN)
+    (loss if local is None else loss + local).backward()
     for name, layer in handle.named_layers:
         assert layer.weight.grad is not None, f"{name}: no weight gradient"
         assert torch.isfinite(layer.weight.grad).all(), f"{name}: non-finite gradient"
@@ -59,7 +64,7 @@ def test_resnet18_every_layer_converted_and_trains(rule):
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     scan = module_scan(model)
     assert scan == {"Conv2d": 20, "Linear": 1}
-    handle = bpfree.apply_rule(model, rule)
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     assert handle.counts == scan
     assert len(handle.layers) == 21
     assert {n for n, _ in handle.named_layers} == {
@@ -100,7 +105,7 @@ class ExplicitEncoderBlock(nn.Module):
 def test_explicit_transformer_block_converted_and_trains(rule):
     torch.manual_seed(1)
     model = ExplicitEncoderBlock()
-    handle = bpfree.apply_rule(model, rule)
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     assert handle.counts == {"Linear": 7}
     x = torch.randn(4, 5, 16)
     y = torch.tensor([0, 1, 2, 1])
@@ -228,7 +233,7 @@ def test_remove_restores_model_exactly(rule):
     param_ids = [id(p) for p in model.parameters()]
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
 
-    handle = bpfree.apply_rule(model, rule)
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     assert any(type(m) is not classes[n] for n, m in model.named_modules())
     train_step(model, handle, x, y)  # creates every lazily built piece of rule state
     if rule not in ("bp", "usf", "backman") and not rule.startswith("lfp"):  # rules with feedback state add it
@@ -273,11 +278,13 @@ def test_optimizer_built_before_apply_updates_same_parameters(rule):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracked = list(model.parameters())
     snapshot = [p.detach().clone() for p in tracked]
-    handle = bpfree.apply_rule(model, rule)
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     for _ in range(2):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        local = handle.local_loss(y)
+        (loss if local is None else loss + local).backward()
         opt.step()
         handle.after_step()
     current = [p for n, p in original_weights(model)]

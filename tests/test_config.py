@@ -41,7 +41,7 @@ def test_repo_params_are_valid():
         runs = run_configs(params, exp)
         sweep = resolved.get("sweep")
         points = [""] if not sweep else [f"_{sweep['param'].rsplit('.', 1)[-1]}{v}" for v in sweep["values"]]
-        assert {r["run_id"] for r in runs} == {f"{rule}{p}_seed{s}" for rule in params["experiments"][exp]["rules"]
+        assert {r["run_id"] for r in runs} == {f"{rule}{p}_seed{s}" for rule in resolved["rules"]
                                                 for s in resolved["seeds"] for p in points}
         assert len({r["run_id"] for r in runs}) == len(runs)
 

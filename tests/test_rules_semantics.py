@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import tiny_options
 import torch.nn.functional as F
 from torch import nn
 
@@ -450,7 +452,7 @@ def test_every_rule_lowers_mnist_training_loss(rule, arch, mnist_subset):
     x, y = mnist_subset
     torch.manual_seed(11)
     model = small_mlp() if arch == "mlp" else small_cnn()
-    handle = bpfree.apply_rule(model, rule)
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     # Adam, because its per-parameter scaling puts every rule on one footing: with SGD +
     # momentum at a rate where BP is comfortable, FA and DFA (whose feedback is larger than
     # the default-initialised W) blow up on ReLU nets, and at a rate safe for them BP crawls.
@@ -464,7 +466,9 @@ def test_every_rule_lowers_mnist_training_loss(rule, arch, mnist_subset):
     for step in range(steps):
         idx = order[(step * bs) % N_MNIST:][:bs]
         opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        local = handle.local_loss(y[idx])
+        (loss if local is None else loss + local).backward()
         opt.step()
         handle.after_step()
     with torch.no_grad():

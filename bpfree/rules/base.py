@@ -149,6 +149,10 @@ class Rule:
         """Install model-level hooks; return their handles so they can be removed."""
         return []
 
+    def local_loss(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Extra loss of the rule's own local objectives (LFNN's workers), added before backward."""
+        return None
+
     def before_step(self, layers: list[nn.Module]) -> None:
         """Work on the .grad a rule produced, before optimizer.step() (e.g. LFP's clipping)."""
 
@@ -191,6 +195,10 @@ class RuleHandle:
     @property
     def layers(self) -> list[nn.Module]:
         return [m for _, m in self.named_layers]
+
+    def local_loss(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Call after the forward pass: the rule's local losses to add to the global loss (or None)."""
+        return self.rule.local_loss(targets)
 
     def before_step(self) -> None:
         """Call after backward and before optimizer.step(); rules that post-process .grad do it here."""
