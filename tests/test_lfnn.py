@@ -221,3 +221,35 @@ def test_training_through_the_trainer_learns_a_separable_task(rule):
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.85
+
+
+def test_joint_leader_readout_matches_a_float64_reference():
+    """leader_readout='joint': per-worker read-outs learn on detached outputs (ranking only);
+    the leaders learn together through one read-out of the layer, followers' units detached."""
+    x, y = _batch()
+    model = _mlp(widths=(8,))
+    handle = apply_rule(model, "lfnn_l", workers=4, delta=0.5, leader_readout="joint",
+                        alignment_weight=0.0)
+    grads = _step_grads(model, handle, x, y)
+    lin = model[0]
+    W = lin.weight.detach().clone().requires_grad_(True)
+    b = lin.bias.detach().clone().requires_grad_(True)
+    J, j = lin.lf_joint_weight.detach(), lin.lf_joint_bias.detach()
+    out = F.relu(x @ W.t() + b)
+    leaders = handle.rule.leader_selection(lin)["leaders"].tolist()
+    keep = torch.zeros(8, dtype=torch.bool)
+    for w in leaders:
+        keep[2 * w:2 * w + 2] = True
+    mixed = torch.where(keep, out, out.detach())
+    F.cross_entropy(mixed @ J + j, y).backward()
+    torch.testing.assert_close(grads["0.weight"], W.grad)
+    torch.testing.assert_close(grads["0.bias"], b.grad)
+    assert torch.count_nonzero(grads["0.weight"][~keep]) == 0
+    assert grads["0.lf_joint_weight"] is not None and grads["0.lf_readout_weight"] is not None
+
+
+def test_joint_readout_is_for_lfnn_l_only():
+    with pytest.raises(ValueError, match="joint"):
+        apply_rule(_mlp(), "lfnn", workers=4, leader_readout="joint")
+    with pytest.raises(ValueError, match="leader_readout"):
+        apply_rule(_mlp(), "lfnn_l", workers=4, leader_readout="both")

@@ -24,7 +24,11 @@ Read-outs always learn on their worker's detached output, so a follower's read-o
 up and the follower can be promoted. The source summary does not fix how followers pick
 their leader: ``assignment='nearest'`` (default) pairs each follower with the leader whose
 batch output is closest in mean squared distance, which keeps the layer's workers diverse;
-``'best'`` pairs every follower with the lowest-loss leader.
+``'best'`` pairs every follower with the lowest-loss leader. Also open is what a leader's
+"local prediction error" reads: ``leader_readout='worker'`` (default) trains each leader
+through its own read-out; ``'joint'`` (LFNN-l only) trains the leaders together through one
+extra read-out of the whole layer (followers' units enter it detached), while the per-worker
+read-outs still rank the workers.
 
 The local losses need the labels, so the trainer asks ``handle.local_loss(targets)`` after
 the forward pass and adds it to the global loss before ``backward()``.
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 
 from bpfree.rules.base import Rule, _remove_state, register_rule
 
-_READOUT_STATE = ("lf_readout_weight", "lf_readout_bias")
+_READOUT_STATE = ("lf_readout_weight", "lf_readout_bias", "lf_joint_weight", "lf_joint_bias")
 _SELECTION = "_bpfree_lf_selection"
 
 
@@ -64,7 +68,7 @@ class LeaderFollower(Rule):
     name = "lfnn"
     local_only = False
     defaults = {"workers": 32, "delta": 0.7, "prediction_weight": 1.0, "alignment_weight": 1.0,
-                "activation": "relu", "assignment": "nearest"}
+                "activation": "relu", "assignment": "nearest", "leader_readout": "worker"}
     feedback_replaces_weight = False  # the backward uses W itself; there is no B to align
 
     def __init__(self, **options):
@@ -87,6 +91,12 @@ class LeaderFollower(Rule):
                 raise ValueError(f"rule {self.name!r}: {key} must be a number >= 0, got {value!r}")
         if o["activation"] not in ("relu", "identity"):
             raise ValueError(f"rule {self.name!r}: activation must be 'relu' or 'identity', got {o['activation']!r}")
+        if o["leader_readout"] not in ("worker", "joint"):
+            raise ValueError(f"rule {self.name!r}: leader_readout must be 'worker' or 'joint', "
+                             f"got {o['leader_readout']!r}")
+        if o["leader_readout"] == "joint" and not self.local_only:
+            raise ValueError(f"rule {self.name!r}: leader_readout 'joint' is for lfnn_l; in lfnn the "
+                             "leaders learn from the back-propagated global error")
         if o["assignment"] not in ("nearest", "best"):
             raise ValueError(f"rule {self.name!r}: assignment must be 'nearest' or 'best', got {o['assignment']!r}")
 
@@ -119,6 +129,12 @@ class LeaderFollower(Rule):
         bias = torch.empty(workers, self._classes, **like).uniform_(-bound, bound)
         layer.register_parameter("lf_readout_weight", nn.Parameter(weight))
         layer.register_parameter("lf_readout_bias", nn.Parameter(bias))
+        if self.local_only and self.options["leader_readout"] == "joint":
+            bound = 1.0 / math.sqrt(units)
+            layer.register_parameter("lf_joint_weight", nn.Parameter(
+                torch.empty(units, self._classes, **like).uniform_(-bound, bound)))
+            layer.register_parameter("lf_joint_bias", nn.Parameter(
+                torch.empty(self._classes, **like).uniform_(-bound, bound)))
         self._hidden.append(layer)
 
     def restore_layer(self, layer: nn.Module) -> None:
@@ -187,9 +203,14 @@ class LeaderFollower(Rule):
             self._masks[layer] = units_mask
         # Read-outs learn on detached outputs; in LFNN-l the leaders' prediction loss also
         # reaches their own units.
-        trained = torch.where(is_leader[None, :, None], pooled, pooled.detach()) if self.local_only \
-            else pooled.detach()
-        loss = self.options["prediction_weight"] * worker_prediction_losses(trained, weight, bias, targets).sum()
+        joint = self.local_only and self.options["leader_readout"] == "joint"
+        trained = torch.where(is_leader[None, :, None], pooled, pooled.detach()) \
+            if self.local_only and not joint else pooled.detach()
+        loss = worker_prediction_losses(trained, weight, bias, targets).sum()
+        if joint:  # the leaders learn together through one read-out of the whole layer
+            mixed = torch.where(is_leader[None, :, None], pooled, pooled.detach()).flatten(1)
+            loss = loss + F.cross_entropy(mixed @ layer.lf_joint_weight + layer.lf_joint_bias, targets)
+        loss = self.options["prediction_weight"] * loss
         followers = (~is_leader).nonzero().flatten()
         if len(followers) and self.options["alignment_weight"]:
             flat = grouped.flatten(2)  # (B, W, k*spatial)
