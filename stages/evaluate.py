@@ -58,6 +58,13 @@ def run_scalars(metrics: dict) -> dict[str, float]:
 TEST_DRAW = "randperm(seed 0)[:test_images], sorted"  # which test images the curves use
 
 
+def pruning_test_indices(total: int, n_test: int) -> torch.Tensor:
+    """The test images pruning curves use (TEST_DRAW): a seeded draw, not the first n, since
+    a run's test subset may be ordered by class; the same for every run and rule."""
+    n_test = min(int(n_test), total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n_test].sort().values
+
+
 def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -> dict | None:
     """Pruning curves of a run's checkpoint (no fine-tuning), cached next to its metrics.
 
@@ -95,9 +102,8 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
         data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
     images = device_images(data_cache[key], run, device)
     model = load_checkpoint_model(ckpt, run, images.num_classes, device).eval()
-    n_test = min(int(spec.get("test_images", len(images.y_test))), len(images.y_test))
-    # A seeded draw, not the first n: a run's test subset may be ordered by class.
-    pick = torch.randperm(len(images.y_test), generator=torch.Generator().manual_seed(0))[:n_test].sort().values
+    pick = pruning_test_indices(len(images.y_test), spec.get("test_images", len(images.y_test)))
+    n_test = len(pick)
     x_test, y_test = images.x_test[pick.to(images.x_test.device)], images.y_test[pick.to(images.y_test.device)]
     batch = int(spec.get("relevance_batch", 256))
     scores = relevance_scores(model, images.prepare(images.x_train[:batch]), images.y_train[:batch])

@@ -48,7 +48,7 @@ def test_curve_restores_the_model_and_starts_unpruned():
     ref = model(x).detach()
 
     def evaluate(m):
-        return float((m(x) - ref).abs().sum())
+        return float((m(x) - ref).abs().sum().detach())
 
     curve = pruning_curve(model, evaluate, "global_magnitude", fractions=[0.0, 0.5, 1.0])
     assert [c["fraction"] for c in curve] == [0.0, 0.5, 1.0]
@@ -85,3 +85,14 @@ def test_layer_gini_and_bad_method():
         pruning_masks(model, 0.1, "random")
     with pytest.raises(ValueError, match="needs scores"):
         pruning_masks(model, 0.1, "relevance")
+
+
+def test_pruning_test_draw_is_seeded_and_spans_classes():
+    from stages.evaluate import pruning_test_indices
+    labels = torch.arange(10).repeat_interleave(200)  # a test subset ordered by class
+    pick = pruning_test_indices(len(labels), 500)
+    assert torch.equal(pick, pruning_test_indices(len(labels), 500))  # same draw every time
+    assert len(pick) == 500 and len(set(pick.tolist())) == 500
+    assert torch.equal(pick, pick.sort().values)
+    assert set(labels[pick].tolist()) == set(range(10))  # the first 500 would be 2.5 classes
+    assert len(pruning_test_indices(len(labels), 10**6)) == len(labels)
