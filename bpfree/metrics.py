@@ -89,9 +89,8 @@ def update_gradient_angles(
     """Per-layer angle between the rule's weight update and the true BP gradient."""
     with _preserved_state(model, handle) as rewind_rng:
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), targets)
-        local = handle.local_loss(targets)  # rules with local objectives (LFNN) update on both
-        (loss if local is None else loss + local).backward()
+        # rules with local objectives (LFNN) update on both
+        handle.add_local_loss(loss_fn(model(inputs), targets), targets).backward()
         rule_grads = _layer_weight_grads(handle)
         model.zero_grad(set_to_none=True)
         rewind_rng()

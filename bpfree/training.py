@@ -237,8 +237,7 @@ def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update
     optimizer.zero_grad(set_to_none=True)
     out = model(xb)
     loss = F.cross_entropy(out, yb)
-    local = handle.local_loss(yb)  # rules with local objectives (LFNN) add theirs
-    (loss if local is None else loss + local).backward()
+    handle.add_local_loss(loss, yb).backward()  # rules with local objectives (LFNN) add theirs
     handle.before_step()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

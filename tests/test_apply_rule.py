@@ -42,8 +42,7 @@ def train_step(model, handle, x, y, lr=0.01):
     before = {n: p.detach().clone() for n, p in original_weights(model)}
     opt.zero_grad()
     loss = F.cross_entropy(model(x), y)
-    local = handle.local_loss(y)  # None except for rules with local objectives (LFNN)
-    (loss if local is None else loss + local).backward()
+    handle.add_local_loss(loss, y).backward()  # LFNN's local losses; most rules have none
     for name, layer in handle.named_layers:
         assert layer.weight.grad is not None, f"{name}: no weight gradient"
         assert torch.isfinite(layer.weight.grad).all(), f"{name}: non-finite gradient"
@@ -282,9 +281,7 @@ def test_optimizer_built_before_apply_updates_same_parameters(rule):
     x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     for _ in range(2):
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        local = handle.local_loss(y)
-        (loss if local is None else loss + local).backward()
+        handle.add_local_loss(F.cross_entropy(model(x), y), y).backward()
         opt.step()
         handle.after_step()
     current = [p for n, p in original_weights(model)]

@@ -101,9 +101,7 @@ def _train(model, handle, steps, start=0):
     for s in range(start, start + steps):
         x, y = data(100 + s)
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        local = handle.local_loss(y)
-        (loss if local is None else loss + local).backward()
+        handle.add_local_loss(F.cross_entropy(model(x), y), y).backward()
         opt.step()
         handle.after_step()
 
@@ -125,9 +123,7 @@ def test_alignment_report_is_side_effect_free(rule, seeded, warm):
             _train(model, handle, 2)
             # leave some gradients in place: the report must not clobber them
             x, y = data(50)
-            loss = F.cross_entropy(model(x), y)
-            local = handle.local_loss(y)
-            (loss if local is None else loss + local).backward()
+            handle.add_local_loss(F.cross_entropy(model(x), y), y).backward()
         report = None
         if with_report:
             before = _state(model, handle)

@@ -200,6 +200,11 @@ class RuleHandle:
         """Call after the forward pass: the rule's local losses to add to the global loss (or None)."""
         return self.rule.local_loss(targets)
 
+    def add_local_loss(self, loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward() on: the global loss plus the rule's local losses, if any."""
+        local = self.local_loss(targets)
+        return loss if local is None else loss + local
+
     def before_step(self) -> None:
         """Call after backward and before optimizer.step(); rules that post-process .grad do it here."""
         self.rule.before_step(self.layers)

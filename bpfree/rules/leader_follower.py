@@ -30,8 +30,8 @@ through its own read-out; ``'joint'`` (LFNN-l only) trains the leaders together 
 extra read-out of the whole layer (followers' units enter it detached), while the per-worker
 read-outs still rank the workers.
 
-The local losses need the labels, so the trainer asks ``handle.local_loss(targets)`` after
-the forward pass and adds it to the global loss before ``backward()``.
+The local losses need the labels, so the trainer calls ``handle.add_local_loss(loss, targets)``
+after the forward pass and runs ``backward()`` on the sum.
 """
 from __future__ import annotations
 
@@ -56,10 +56,21 @@ def worker_prediction_losses(pooled: torch.Tensor, weight: torch.Tensor, bias: t
     return per_sample.mean(0)
 
 
+def rank_workers(losses: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaders, followers): the round(delta x workers) lowest-loss workers and the rest, from
+    one sort whose split point is known on the host (no device sync; ties: lower index first)."""
+    count = min(len(losses), max(1, round(delta * len(losses))))
+    order = torch.argsort(losses.detach(), stable=True)
+    return order[:count], order[count:].sort().values  # followers in worker order
+
+
 def select_leaders(losses: torch.Tensor, delta: float) -> torch.Tensor:
     """Indices of the round(delta x workers) lowest-loss workers (ties: lower index first)."""
-    count = min(len(losses), max(1, round(delta * len(losses))))
-    return torch.argsort(losses.detach(), stable=True)[:count]
+    return rank_workers(losses, delta)[0]
+
+
+def _units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 class LeaderFollower(Rule):
@@ -110,7 +121,7 @@ class LeaderFollower(Rule):
                              f"head (its out_features are the classes), got {type(head).__name__}")
         workers = self.options["workers"]
         for layer in layers[:-1]:
-            units = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            units = _units(layer)
             if units % workers:
                 raise ValueError(f"rule {self.name!r}: a layer with {units} output units cannot be split "
                                  f"into {workers} equal workers; choose workers dividing every hidden width")
@@ -120,7 +131,7 @@ class LeaderFollower(Rule):
     def convert_layer(self, layer: nn.Module, index: int) -> None:
         if layer is self._head:
             return
-        units = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        units = _units(layer)
         workers = self.options["workers"]
         size = units // workers
         bound = 1.0 / math.sqrt(size)  # nn.Linear's default init for a size -> classes map
@@ -194,7 +205,7 @@ class LeaderFollower(Rule):
         weight, bias = layer.lf_readout_weight, layer.lf_readout_bias
         with torch.no_grad():
             losses = worker_prediction_losses(pooled, weight, bias, targets)
-        leaders = select_leaders(losses, float(self.options["delta"]))
+        leaders, followers = rank_workers(losses, self.options["delta"])
         is_leader = torch.zeros(workers, dtype=torch.bool, device=y.device)
         is_leader[leaders] = True
         setattr(layer, _SELECTION, {"losses": losses, "leaders": leaders})
@@ -203,15 +214,15 @@ class LeaderFollower(Rule):
             self._masks[layer] = units_mask
         # Read-outs learn on detached outputs; in LFNN-l the leaders' prediction loss also
         # reaches their own units.
-        joint = self.local_only and self.options["leader_readout"] == "joint"
-        trained = torch.where(is_leader[None, :, None], pooled, pooled.detach()) \
-            if self.local_only and not joint else pooled.detach()
+        joint = self.options["leader_readout"] == "joint"  # (validated: lfnn_l only)
+        leaders_attached = torch.where(is_leader[None, :, None], pooled, pooled.detach()) \
+            if self.local_only else None
+        trained = leaders_attached if self.local_only and not joint else pooled.detach()
         loss = worker_prediction_losses(trained, weight, bias, targets).sum()
         if joint:  # the leaders learn together through one read-out of the whole layer
-            mixed = torch.where(is_leader[None, :, None], pooled, pooled.detach()).flatten(1)
-            loss = loss + F.cross_entropy(mixed @ layer.lf_joint_weight + layer.lf_joint_bias, targets)
+            logits = leaders_attached.flatten(1) @ layer.lf_joint_weight + layer.lf_joint_bias
+            loss = loss + F.cross_entropy(logits, targets)
         loss = self.options["prediction_weight"] * loss
-        followers = (~is_leader).nonzero().flatten()
         if len(followers) and self.options["alignment_weight"]:
             flat = grouped.flatten(2)  # (B, W, k*spatial)
             target = flat[:, leaders].detach()
