@@ -19,7 +19,7 @@ from bpfree.data import split_mnist_tasks, task_subset, train_val_split
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
-from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_safe, augment_batch,
+from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe, augment_batch,
                              build_optimizer, build_scheduler, data_hash, evaluate_split,
                              normalisation, optimisation_step, resize_images, seed_everything,
                              set_determinism)
@@ -27,7 +27,7 @@ from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_saf
 VAL_FRACTION = 0.2
 
 
-def task_images(data, classes, seed: int, device, resize: int | None = None) -> DeviceImages:
+def task_images(data, classes, seed: int, device, resize: int | None = None) -> DeviceSplits:
     """One task's images on the device: its classes only, labels 0..k-1, 80/20 train/val."""
     x_all, y_all = task_subset(torch.arange(len(data.y_train)), data.y_train.cpu(), classes)
     x_test_idx, y_test = task_subset(torch.arange(len(data.y_test)), data.y_test.cpu(), classes)
@@ -36,7 +36,7 @@ def task_images(data, classes, seed: int, device, resize: int | None = None) -> 
 
     def take(x, idx):
         return resize_images(x[idx.to(x.device)].to(device), resize)
-    return DeviceImages(take(data.x_train, x_all[tr]), y_all[tr].to(device),
+    return DeviceSplits(take(data.x_train, x_all[tr]), y_all[tr].to(device),
                         take(data.x_train, x_all[va]), y_all[va].to(device),
                         take(data.x_test, x_test_idx), y_test.to(device), mean, std, True, len(classes),
                         {"classes": list(classes)})
@@ -50,7 +50,7 @@ def task_generators(run: dict, seed: int, device) -> tuple[torch.Generator, torc
     return torch.Generator().manual_seed(seed), augment_gen
 
 
-def train_task(model, handle, images: DeviceImages, run: dict, order_gen, augment_gen, *, task: int,
+def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augment_gen, *, task: int,
                epochs: int | None = None) -> tuple[list[dict], dict | None]:
     """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
     optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task

@@ -689,6 +689,9 @@ class BertClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``input_ids`` may also be the trainer's packed (B, 3, T) ids / segments / mask."""
+        if input_ids.dim() == 3 and input_ids.shape[1] == 3 and token_type_ids is None and attention_mask is None:
+            input_ids, token_type_ids, attention_mask = input_ids.unbind(1)
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         length = input_ids.shape[1]

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Stable colours per rule so the same rule looks the same in every figure.
 RULE_COLOURS = {"bp": "black", "fa": "tab:red", "adafa": "tab:orange", "usf": "tab:blue",
                 "brsf": "tab:cyan", "frsf": "tab:purple", "dfa": "tab:green", "kp": "tab:brown",
-                "wm": "tab:pink", "backman": "tab:olive", "lfp_eps": "tab:green", "lfp0": "tab:gray"}
+                "wm": "tab:pink", "backman": "tab:olive", "lfp_eps": "tab:green", "lfp0": "tab:gray",
+                "tp": "tab:gray", "dtp": "tab:purple", "lra": "tab:cyan"}
 PNG_METADATA = {"Software": None}  # no version stamp: same data, same bytes
 
 
@@ -62,6 +63,8 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
                     color=RULE_COLOURS.get(rule))
     if spec.get("log_y") and all(p[1] > 0 for pts in series.values() for p in pts):
         ax.set_yscale("log")
+    if spec.get("chance") is not None:  # the paper's Figure 1 marks chance level
+        ax.axhline(spec["chance"], ls="--", lw=1, color="grey", label=spec.get("chance_label", "chance"))
     n = sorted({p[3] for pts in series.values() for p in pts})
     ax.set_xlabel(param.rsplit(".", 1)[-1])
     ax.set_ylabel(spec.get("ylabel", spec["metric"]))

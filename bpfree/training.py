@@ -26,7 +26,7 @@ from torch import nn
 
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
 from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
-from bpfree.models import build_model
+from bpfree.models import build_model, model_options
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
 
@@ -57,8 +57,12 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class DeviceImages:
-    """Train/val/test images of one run, already on the device, normalised per batch.
+class DeviceSplits:
+    """Train/val/test inputs of one run, already on the device, normalised per batch.
+
+    Inputs are images (uint8) or encoded sentence pairs ((N, 3, T) token, segment and mask
+    ids, see bpfree.data.tokenization): the trainer only slices rows, so both go through
+    the same loop. `vocab_size` is set for text, whose model needs it.
 
     Subsets and the validation split are drawn with `data_seed`, not the run seed, so every
     rule and seed of an experiment sees exactly the same images. The validation split is
@@ -76,8 +80,11 @@ class DeviceImages:
     normalize: bool
     num_classes: int
     draw: dict | None = None  # what a derived training set drew (flipped labels, classes)
+    vocab_size: int | None = None
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() and x.dtype != torch.uint8:
+            return x  # token ids
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
         return (x - self.mean) / self.std if self.normalize else x
 
@@ -117,8 +124,73 @@ def normalisation(data, device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def device_images(data, run: dict, device: torch.device) -> DeviceImages:
+# The split a text set is evaluated on, by preference (MNLI: the matched dev set, as the paper).
+TEXT_TEST_SPLITS = ("test", "dev_matched", "dev")
+
+
+def text_max_len(run: dict) -> int:
+    options = run["model"]["options"]
+    return int(options.get("max_len", model_options(run["model"]["name"]).get("max_len", 128)))
+
+
+def device_text(data, run: dict, device: torch.device) -> DeviceSplits:
+    """Encode the run's sentence pairs with the set's own tokenizer, once, onto the device."""
+    from bpfree.data.tokenization import encode_examples
+
+    if run.get("train_data") or run["preprocess"].get("resize"):
+        raise ValueError(f"{run['dataset']} is a text set: train_data and resize apply to images only")
+    test_split = next((name for name in TEXT_TEST_SPLITS if name in data.splits), None)
+    if test_split is None:
+        raise ValueError(f"{run['dataset']} has no labelled evaluation split ({', '.join(TEXT_TEST_SPLITS)})")
+    gen = torch.Generator().manual_seed(int(run["data_seed"]))
+    train, test = data.splits["train"], data.splits[test_split]
+    pool, test_idx = torch.arange(len(train)), torch.arange(len(test))
+    for name, size, examples in (("train_subset", run.get("train_subset"), train),
+                                 ("test_subset", run.get("test_subset"), test)):
+        if size is None:
+            continue
+        if size > len(examples):
+            raise ValueError(f"{name} {size} > {len(examples)} examples")
+        drawn = torch.randperm(len(examples), generator=gen)[:size].sort().values
+        if name == "train_subset":
+            pool = drawn
+        else:
+            test_idx = drawn
+    if run["val_size"] > 0:
+        tr, va = (_as_index(i) for i in train_val_split(len(pool), run["val_size"], run["data_seed"]))
+    else:
+        tr, va = torch.arange(len(pool)), torch.arange(0)
+    max_len = text_max_len(run)
+
+    def encoded(examples, idx):
+        chosen = [examples[i] for i in idx.tolist()]
+        x = encode_examples(data.tokenizer, chosen, data.text_fields, max_len).to(device)
+        return x, torch.tensor([e["label"] for e in chosen], dtype=torch.long, device=device)
+
+    x_tr, y_tr = encoded(train, pool[tr])
+    x_va, y_va = encoded(train, pool[va])
+    x_te, y_te = encoded(test, test_idx)
+    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+    return DeviceSplits(x_tr, y_tr, x_va, y_va, x_te, y_te, zero, one, False, int(data.num_classes),
+                        {"kind": "text", "test_split": test_split, "max_len": max_len},
+                        data.tokenizer.get_vocab_size())
+
+
+def run_model_options(run: dict, splits: DeviceSplits) -> dict:
+    """The model's options for this run's data: text models take the tokenizer's vocabulary size."""
+    options = dict(run["model"]["options"])
+    if splits.vocab_size is not None:
+        given = options.setdefault("vocab_size", splits.vocab_size)
+        if given != splits.vocab_size:
+            raise ValueError(f"model option vocab_size {given} != the {run['dataset']} tokenizer's "
+                             f"{splits.vocab_size}; leave vocab_size out of the config")
+    return options
+
+
+def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
     """Cut the run's subsets out of the prepared tensors and resize them once, on device."""
+    if hasattr(data, "tokenizer"):
+        return device_text(data, run, device)
     gen = torch.Generator().manual_seed(int(run["data_seed"]))
     n_train, n_test = len(data.y_train), len(data.y_test)
     pool = torch.arange(n_train)
@@ -160,7 +232,7 @@ def device_images(data, run: dict, device: torch.device) -> DeviceImages:
     resize = run["preprocess"].get("resize")
     x_tr, x_va, x_te = (resize_images(x, resize) for x in (x_tr, x_va, x_te))
     mean, std = normalisation(data, device)
-    return DeviceImages(
+    return DeviceSplits(
         x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
         bool(run["preprocess"].get("normalize", True)), num_classes, draw,
     )
@@ -206,7 +278,7 @@ def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int 
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, images: DeviceImages, x: torch.Tensor,
+def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
                    y: torch.Tensor) -> tuple[float | None, float | None]:
     """(top-1 accuracy in percent, mean cross-entropy); (None, None) for an empty split."""
     if len(y) == 0:
@@ -223,7 +295,7 @@ def evaluate_split(model: nn.Module, images: DeviceImages, x: torch.Tensor,
     return 100.0 * correct.item() / len(y), loss_sum.item() / len(y)
 
 
-def accuracy(model: nn.Module, images: DeviceImages, x: torch.Tensor, y: torch.Tensor) -> float | None:
+def accuracy(model: nn.Module, images: DeviceSplits, x: torch.Tensor, y: torch.Tensor) -> float | None:
     """Top-1 accuracy in percent; None for an empty split."""
     return evaluate_split(model, images, x, y)[0]
 
@@ -322,11 +394,11 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     device = torch.device(device) if not isinstance(device, torch.device) else device
     set_determinism(run.get("threads"))
     seed = int(run["seed"])
-    images = device_images(data, run, device)
+    images = device_splits(data, run, device)
 
     seed_everything(seed)  # before the model and the rule: both draw random numbers
     model = build_model(run["model"]["name"], num_classes=images.num_classes,
-                        **run["model"]["options"]).to(device)
+                        **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
     optimizer = build_optimizer(model.parameters(), run["optimizer"])  # after apply_rule: KP adds B
     n = len(images.y_train)
@@ -553,11 +625,12 @@ def _json_safe(obj):
     return obj
 
 
-def load_checkpoint_model(path, run: dict, num_classes: int, device) -> nn.Module:
+def load_checkpoint_model(path, run: dict, splits: DeviceSplits, device) -> nn.Module:
     """Rebuild the plain model of a run from its checkpoint (rule state such as B is dropped:
     rules change only the backward pass, so the forward pass of the plain model is the same)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = build_model(run["model"]["name"], num_classes=num_classes, **run["model"]["options"]).to(device)
+    model = build_model(run["model"]["name"], num_classes=splits.num_classes,
+                        **run_model_options(run, splits)).to(device)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ckpt["state_dict"]]
     if missing:

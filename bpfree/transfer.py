@@ -22,11 +22,11 @@ from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.pruning import sign_flip_fraction
 from bpfree.rules import apply_rule
-from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceImages, _json_safe, data_hash,
+from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe, data_hash,
                              evaluate_split, seed_everything, set_determinism)
 
 
-def limit_images(images: DeviceImages, train: int | None, test: int | None, seed: int) -> DeviceImages:
+def limit_images(images: DeviceSplits, train: int | None, test: int | None, seed: int) -> DeviceSplits:
     """A profile's train_subset / test_subset, per task: a seeded draw of training images."""
     keep = slice(None)
     if train is not None and train < len(images.y_train):

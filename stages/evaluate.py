@@ -73,10 +73,10 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     """
     import hashlib
 
-    from bpfree.data import load_prepared
+    from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json
     from bpfree.pruning import layer_gini, pruning_curve, relevance_scores
-    from bpfree.training import device_images, evaluate_split, load_checkpoint_model, set_determinism
+    from bpfree.training import device_splits, evaluate_split, load_checkpoint_model, set_determinism
 
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
     # Not inside the run's directory: that belongs to the train stage.
@@ -99,9 +99,9 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     set_determinism(run.get("threads"))
     key = (run["dataset"], str(device))
     if key not in data_cache:
-        data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
-    images = device_images(data_cache[key], run, device)
-    model = load_checkpoint_model(ckpt, run, images.num_classes, device).eval()
+        data_cache[key] = load_prepared_data(str(PREPARED / run["dataset"]), device)
+    images = device_splits(data_cache[key], run, device)
+    model = load_checkpoint_model(ckpt, run, images, device).eval()
     pick = pruning_test_indices(len(images.y_test), spec.get("test_images", len(images.y_test)))
     n_test = len(pick)
     x_test, y_test = images.x_test[pick.to(images.x_test.device)], images.y_test[pick.to(images.y_test.device)]
@@ -145,8 +145,8 @@ def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = 
     date they are absent, and the check an earlier evaluation made of these same metrics
     (same config hash and recorded accuracy) is carried over, marked as such.
     """
-    from bpfree.data import load_prepared
-    from bpfree.training import (accuracy, device_images, load_checkpoint_model, select_device,
+    from bpfree.data import load_prepared_data
+    from bpfree.training import (accuracy, device_splits, load_checkpoint_model, select_device,
                                  set_determinism)
 
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
@@ -169,10 +169,10 @@ def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = 
     set_determinism(run.get("threads"))
     key = (run["dataset"], str(device))
     if key not in data_cache:
-        data_cache[key] = load_prepared(str(PREPARED / run["dataset"]), device)
+        data_cache[key] = load_prepared_data(str(PREPARED / run["dataset"]), device)
     data = data_cache[key]
-    images = device_images(data, run, device)
-    model = load_checkpoint_model(ckpt, run, images.num_classes, device)
+    images = device_splits(data, run, device)
+    model = load_checkpoint_model(ckpt, run, images, device)
     acc = accuracy(model, images, images.x_test, images.y_test)
     recorded = metrics["final_test_acc"]
     match = recorded is not None and abs(acc - recorded) <= RECHECK_TOLERANCE

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs
-    from bpfree.data import load_prepared
+    from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.continual import train_continual
     from bpfree.transfer import train_transfer
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"profiles.{profile}.{args.experiment}.device", "cuda",
                               "no CUDA device on this machine; use profile smoke or cpu here")
     device = select_device(runs[0]["device"])
-    data = load_prepared(str(PREPARED / runs[0]["dataset"]), device)
+    data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
     dhash, chash_code = data_hash(data.manifest), code_hash()
     log(f"[{profile}] {args.experiment}: {len(runs)} runs on {device}")
     for run in runs:

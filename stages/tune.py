@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from bpfree.config import ConfigError, _set_path, load_params, resolve_experiment
-    from bpfree.data import load_prepared
+    from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import select_device, train_run, code_hash, data_hash
 
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--rules", unknown, f"not rules of {args.experiment}", list(exp["rules"]))
 
     device = select_device(exp["device"])
-    data = load_prepared(str(PREPARED / exp["dataset"]), device)
+    data = load_prepared_data(str(PREPARED / exp["dataset"]), device)
     out_dir = RESULTS / "tuning" / args.experiment
     for rule in rules:
         spec = exp["rules"][rule] or {}

@@ -43,3 +43,14 @@ def params():
     """The repository's params.yaml, validated (tests that mutate params deep-copy it)."""
     from bpfree.config import load_params
     return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def sick(tmp_path_factory):
+    """Prepared SICK (sentence pairs plus the tokenizer fitted on its training split)."""
+    from bpfree.data import load_prepared_text, prepare_dataset
+    if not (DATA_DIR / "SICK" / "SICK.txt").exists():
+        pytest.skip(f"no SICK under {DATA_DIR} (set BPFREE_DATA_DIR)")
+    out = tmp_path_factory.mktemp("prepared") / "sick"
+    prepare_dataset("sick", out, raw_dir=DATA_DIR)
+    return load_prepared_text(out)

@@ -18,7 +18,7 @@ import bpfree
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_rules()
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
 
 
 def module_scan(model):

@@ -79,7 +79,7 @@ def test_dataset_not_prepared_by_pipeline(params):
 
 def test_unknown_dataset_in_datasets_list(params):
     params["datasets"].append("imagenet")
-    expect(params, "datasets[2]", "'imagenet'", "cifar10")
+    expect(params, f"datasets[{len(params['datasets']) - 1}]", "'imagenet'", "cifar10")
 
 
 def test_unknown_profile(params):

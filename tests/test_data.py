@@ -429,3 +429,38 @@ def test_a_raw_folder_must_match_one_whole_variant(tmp_path, monkeypatch):
     (tmp_path / "b1").write_bytes(b"A1")  # x/1 still matches only A
     with pytest.raises(ChecksumError, match="different releases"):
         checksums.verify_raw_files("toy", {"x/1": tmp_path / "b1", "x/2": tmp_path / "b2"})
+
+
+# ---------------------------------------------------------------- text encoding
+
+def test_sick_tokenizer_is_fitted_on_train_and_encodes_pairs(tmp_path):
+    from bpfree.data.tokenization import PAD_ID, encode_examples, train_tokenizer
+    raw = require_raw("SICK/SICK.txt")
+    manifest = data.prepare_dataset("sick", tmp_path / "sick", raw_dir=raw)
+    assert manifest["tokenizer"]["trained_on"] == "train"
+    assert "tokenizer.json" in manifest["outputs"]  # hashed like every prepared file
+    text = data.load_prepared_text(tmp_path / "sick")
+    # fitted on the training split alone: refitting on it gives the same vocabulary
+    refit = train_tokenizer(e[f] for e in text.splits["train"] for f in text.text_fields)
+    assert refit.get_vocab() == text.tokenizer.get_vocab()
+    examples = text.splits["test"][:5]
+    x = encode_examples(text.tokenizer, examples, text.text_fields, max_len=12)
+    assert x.shape[:2] == (5, 3) and x.shape[2] <= 12 and x.dtype == torch.long
+    ids, segments, mask = x.unbind(1)
+    assert (ids[:, 0] == text.tokenizer.token_to_id("[CLS]")).all()
+    assert ((mask == 0) == (ids == PAD_ID)).all()
+    assert (segments[:, 0] == 0).all() and (segments.max(1).values == 1).all()  # a pair: two segments
+    assert ids.shape[1] == 12  # SICK pairs are longer than 12 tokens: truncated, not dropped
+    # the chance level the F claims use: SICK TEST's majority class
+    counts = manifest["splits"]["test"]["class_counts"]
+    assert round(100 * max(counts) / sum(counts), 2) == 56.87
+
+
+def test_corrupt_tokenizer_is_a_clear_error(tmp_path):
+    raw = require_raw("SICK/SICK.txt")
+    data.prepare_dataset("sick", tmp_path / "sick", raw_dir=raw)
+    (tmp_path / "sick" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="tokenizer.json"):
+        data.load_prepared_text(tmp_path / "sick")
+    with pytest.raises(DataError, match="cannot read the tokenizer"):
+        data.load_prepared_text(tmp_path / "sick", verify=False)

@@ -10,7 +10,7 @@ from bpfree.config import ConfigError, run_configs, validate_params
 from bpfree.metrics import ConservationTracker, step_gradient_angles, update_gradient_angles
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
-from bpfree.training import device_images, train_run
+from bpfree.training import device_splits, train_run
 
 
 
@@ -113,7 +113,7 @@ def test_label_noise_draws_differ_per_repeat_and_match_across_rules(params, mnis
     runs.append(extra_seed)
     draws = {}
     for run in runs:
-        images = device_images(mnist, run, torch.device("cpu"))
+        images = device_splits(mnist, run, torch.device("cpu"))
         assert images.draw["flipped"] == round(0.2 * run["train_data"]["size"])
         draws[(run["rule"]["name"], run["model"]["options"]["width"], run["seed"])] = images.y_train
     base = draws[("bp", 15, 0)]
@@ -127,8 +127,8 @@ def test_noisy_subset_flips_exactly_the_recorded_labels(mnist):
     run = {"dataset": "mnist", "data_seed": 0, "seed": 3, "val_size": 0,
            "preprocess": {"normalize": False, "resize": None},
            "train_data": {"kind": "noisy_subset", "size": 500, "flip_fraction": 0.2, "seed": 3}}
-    images = device_images(mnist, run, torch.device("cpu"))
-    clean = device_images(mnist, {**run, "train_data": {**run["train_data"], "flip_fraction": 0.0}},
+    images = device_splits(mnist, run, torch.device("cpu"))
+    clean = device_splits(mnist, {**run, "train_data": {**run["train_data"], "flip_fraction": 0.0}},
                           torch.device("cpu"))
     assert torch.equal(images.x_train, clean.x_train)  # same images, only labels differ
     assert int((images.y_train != clean.y_train).sum()) == 100
@@ -140,7 +140,7 @@ def test_k_class_subsets_are_drawn_per_repeat_on_mnist(mnist):
         run = {"dataset": "mnist", "data_seed": 0, "seed": seed, "val_size": 100,
                "preprocess": {"normalize": True, "resize": None},
                "train_data": {"kind": "k_class", "k": k, "seed": seed}}
-        return device_images(mnist, run, torch.device("cpu"))
+        return device_splits(mnist, run, torch.device("cpu"))
     a, b, c = draw(0), draw(0), draw(1)
     assert a.num_classes == 4 and a.draw["classes"] == b.draw["classes"]
     assert a.draw["classes"] != c.draw["classes"]

@@ -17,7 +17,7 @@ from bpfree.metrics import alignment_report, angle_degrees, update_gradient_angl
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_rules()
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
 
 
 def test_angle_degrees_basics():

@@ -36,7 +36,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # LFP rules send a reward, not an error through a feedback matrix, and leader-follower rules
 # train on per-layer local losses over several layers: their own float64 references are in
 # tests/test_lfp.py and tests/test_lfnn.py.
-RULES = [r for r in bpfree.list_rules() if not r.startswith(("lfp", "lfnn"))]
+RULES = [r for r in bpfree.list_layer_rules() if not r.startswith(("lfp", "lfnn"))]
 SEEDS = (0, 1, 2)
 KP_DECAY = 0.3  # large enough that a missing decay term shows far above 1e-10
 TOL = 1e-10

@@ -21,7 +21,7 @@ from bpfree.metrics import angle_degrees, weight_feedback_angles
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_rules()
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
 
 
 def conv_linear_net() -> nn.Sequential:
@@ -478,3 +478,57 @@ def test_every_rule_lowers_mnist_training_loss(rule, arch, mnist_subset):
     # the error signal reached the bottom layer (a top-layer-only learner would also lower the loss)
     moved = (first_layer.weight.detach() - w0).norm() / w0.norm()
     assert moved > 0.05, f"{rule}/{arch}: first layer barely moved ({moved:.3g})"
+
+
+def _kp_trajectory(match: str, optimizer_name: str, steps: int = 5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    lr, decay = 0.1, 0.01
+    if match == "update":
+        handle = bpfree.apply_rule(model, "kp", decay=decay, match="update", shrink=lr * decay, seed=3)
+        weight_decay = decay  # SGD-KP's L2 on W, now the optimizer's
+    else:
+        handle = bpfree.apply_rule(model, "kp", decay=decay, seed=3)
+        weight_decay = 0.0
+    weights = [layer.weight for layer in handle.layers]  # KP's decay acts on W, not on the bias
+    others = [p for p in model.parameters() if all(p is not w for w in weights)]
+    groups = [{"params": weights, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=lr) if optimizer_name == "sgd" else torch.optim.Adam(groups, lr=1e-2)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        handle.add_local_loss(F.cross_entropy(model(x), y), y).backward()
+        handle.before_step()
+        opt.step()
+        handle.after_step()
+        history.append([(layer.weight.detach().clone(), layer.feedback.detach().clone()) for layer in handle.layers])
+    return history
+
+
+def test_kp_update_matching_equals_gradient_kp_under_plain_sgd():
+    """B receiving W's applied update and W - B shrinking by lr x decay is SGD-KP exactly."""
+    for step_a, step_b in zip(_kp_trajectory("gradient", "sgd"), _kp_trajectory("update", "sgd")):
+        for (w_a, b_a), (w_b, b_b) in zip(step_a, step_b):
+            torch.testing.assert_close(w_b, w_a, rtol=0, atol=1e-12)
+            torch.testing.assert_close(b_b, b_a, rtol=0, atol=1e-12)
+
+
+def test_kp_update_matching_shrinks_w_minus_b_geometrically_under_adam():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    handle = bpfree.apply_rule(model, "kp", match="update", shrink=0.1)
+    gaps0 = [(layer.feedback - layer.weight).norm().item() for layer in handle.layers]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(10):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        handle.after_step()
+    for layer, gap0 in zip(handle.layers, gaps0):
+        assert (layer.feedback - layer.weight).norm().item() == pytest.approx(gap0 * 0.9 ** 10, rel=1e-4)
+    with pytest.raises(ValueError, match="match must be"):
+        bpfree.apply_rule(nn.Linear(2, 2), "kp", match="adam")
+    with pytest.raises(ValueError, match="shrink must be in"):
+        bpfree.apply_rule(nn.Linear(2, 2), "kp", match="update", shrink=1.0)

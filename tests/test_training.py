@@ -9,7 +9,7 @@ import yaml
 
 from bpfree import provenance
 from bpfree.provenance import atomic_torch_save, atomic_write_json, atomic_write_text
-from bpfree.training import (STATUS_DIVERGED, accuracy, device_images, load_checkpoint_model,
+from bpfree.training import (STATUS_DIVERGED, accuracy, device_splits, load_checkpoint_model,
                              train_run)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_same_seed_same_numbers_other_seed_differs(mnist):
 
 def test_validation_split_comes_from_training_images(mnist):
     run = mlp_run()
-    images = device_images(mnist, run, torch.device("cpu"))
+    images = device_splits(mnist, run, torch.device("cpu"))
     train_rows = {bytes(x.flatten().tolist()) for x in mnist.x_train[:]}  # 60k rows: fine on CPU
     assert all(bytes(x.flatten().tolist()) in train_rows for x in images.x_val)
     # train and val are disjoint
@@ -64,7 +64,7 @@ def test_lenet_resize_and_schedule_per_epoch(mnist):
                   preprocess={"normalize": True, "resize": 32},
                   schedule={"name": "multistep", "milestones": [1, 2], "gamma": 0.1},
                   train_subset=128, val_size=32)
-    images = device_images(mnist, run, torch.device("cpu"))
+    images = device_splits(mnist, run, torch.device("cpu"))
     assert images.x_train.shape[1:] == (1, 32, 32)
     m = train_run(run, mnist, "cpu")
     assert [h["lr"] for h in m["history"]] == pytest.approx([0.03, 0.003, 0.0003])
@@ -93,8 +93,8 @@ def test_nan_run_is_recorded_as_diverged(mnist, tmp_path):
 def test_checkpoint_reproduces_final_accuracy(mnist, tmp_path):
     run = mlp_run(rule={"name": "kp", "options": {}}, epochs=1)
     m = train_run(run, mnist, "cpu", checkpoint_path=tmp_path / "kp.pt")
-    images = device_images(mnist, run, torch.device("cpu"))
-    model = load_checkpoint_model(tmp_path / "kp.pt", run, 10, "cpu")
+    images = device_splits(mnist, run, torch.device("cpu"))
+    model = load_checkpoint_model(tmp_path / "kp.pt", run, images, "cpu")
     assert accuracy(model, images, images.x_test, images.y_test) == m["final_test_acc"]
 
 
@@ -228,3 +228,33 @@ def test_atomic_torch_save_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(2))
     assert _only(target) == ["ck.pt"]
+
+
+def bert_run(**changes):
+    run = mlp_run(dataset="sick", model={"name": "bert_classifier", "options": {
+        "dim": 16, "depth": 2, "heads": 2, "ffn_dim": 32, "max_len": 32, "dropout": 0.0}},
+        optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0}, train_subset=96, test_subset=64,
+        val_size=32, epochs=2, preprocess={"normalize": False, "resize": None})
+    run.update(changes)
+    return run
+
+
+@pytest.mark.parametrize("rule", ["bp", "dtp", "lra"])
+def test_sentence_pairs_train_through_the_same_loop(sick, rule, tmp_path):
+    run = bert_run(rule={"name": rule, "options": {}})
+    m = train_run(run, sick, "cpu", checkpoint_path=tmp_path / "bert.pt")
+    assert m["status"] == "OK" and m["epochs_completed"] == 2
+    assert m["sizes"] == {"train": 64, "val": 32, "test": 64}
+    assert m["train_data_draw"] == {"kind": "text", "test_split": "test", "max_len": 32}
+    splits = device_splits(sick, run, torch.device("cpu"))
+    assert splits.x_train.shape[1] == 3 and splits.x_train.shape[2] <= 32
+    assert splits.vocab_size == sick.tokenizer.get_vocab_size()
+    model = load_checkpoint_model(tmp_path / "bert.pt", run, splits, "cpu")  # feedback maps dropped
+    assert accuracy(model, splits, splits.x_test, splits.y_test) == m["final_test_acc"]
+
+
+def test_text_run_rejects_a_vocabulary_that_is_not_the_tokenizers(sick):
+    run = bert_run()
+    run["model"]["options"]["vocab_size"] = 100
+    with pytest.raises(ValueError, match="vocab_size 100"):
+        train_run(run, sick, "cpu")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from bpfree.data.checksums import sha256_file, verify_raw_files
 from bpfree.data.errors import DataError
 from bpfree.data.sources import ImageArrays, TextSplits, get_source, locate_raw
+from bpfree.data.tokenization import TOKENIZER_NAME, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -169,8 +170,15 @@ def _write_text_splits(data: TextSplits, out_dir: Path) -> dict:
         outputs[file_name] = sha256_file(out_dir / file_name)
         splits[split] = {"class_counts": _class_counts(labels, num_classes),
                          "count": len(examples), "file": file_name}
+    # Fitted on the training split only, so nothing about the test split leaks into it.
+    tokenizer = train_tokenizer(example[field] for example in data.splits["train"]
+                                for field in data.text_fields)
+    _write_text(out_dir / TOKENIZER_NAME, tokenizer.to_str())
+    outputs[TOKENIZER_NAME] = sha256_file(out_dir / TOKENIZER_NAME)
     return {
         "class_names": list(data.class_names),
+        "tokenizer": {"file": TOKENIZER_NAME, "kind": "bpe", "trained_on": "train",
+                      "vocab_size": tokenizer.get_vocab_size()},
         "label_mapping": {name: index for index, name in enumerate(data.class_names)},
         "num_classes": num_classes,
         "outputs": outputs,
@@ -210,6 +218,11 @@ class PreparedText:
     manifest: dict
     num_classes: int
     class_names: list[str]
+    tokenizer: object  # a tokenizers.Tokenizer fitted on the training split
+
+    @property
+    def text_fields(self) -> list[str]:
+        return list(self.manifest["text_fields"])
 
 
 def read_manifest(out_dir: Path | str) -> dict:
@@ -288,6 +301,17 @@ def load_prepared_text(out_dir: Path | str, *, verify: bool = True) -> PreparedT
         if len(splits[split]) != info["count"]:
             raise DataError(f"{path} has {len(splits[split])} examples, manifest says "
                             f"{info['count']}; prepare again")
+    if "tokenizer" not in manifest:
+        raise DataError(f"{out_dir} was prepared without a tokenizer (an older preparation); prepare again")
     return PreparedText(splits=splits, manifest=manifest,
                         num_classes=int(manifest["num_classes"]),
-                        class_names=list(manifest["class_names"]))
+                        class_names=list(manifest["class_names"]),
+                        tokenizer=load_tokenizer(out_dir / manifest["tokenizer"]["file"]))
+
+
+def load_prepared_data(out_dir: Path | str, device: torch.device | str = "cpu",
+                       *, verify: bool = True) -> PreparedImages | PreparedText:
+    """Images or text, whichever the folder holds (the trainer handles both)."""
+    if read_manifest(out_dir).get("kind") == "text":
+        return load_prepared_text(out_dir, verify=verify)
+    return load_prepared(out_dir, device, verify=verify)

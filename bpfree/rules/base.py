@@ -29,6 +29,11 @@ def register_rule(cls: type["Rule"]) -> type["Rule"]:
     return cls
 
 
+def list_layer_rules() -> list[str]:
+    """Rules that apply to any model with Linear/Conv2d layers (not only to block-structured ones)."""
+    return [name for name in list_rules() if _RULES[name].granularity == "layer"]
+
+
 def list_rules() -> list[str]:
     """Names accepted by apply_rule, in registration order."""
     return list(_RULES)
@@ -100,6 +105,9 @@ class Rule:
     defaults: ClassVar[dict[str, Any]] = {}
     # False where `feedback()` is not a stand-in for W (DFA's B_l projects the output error).
     feedback_replaces_weight: ClassVar[bool] = True
+    # "layer": works on any model's Linear/Conv2d layers; "block": needs the model's `blocks`
+    # ModuleList (target propagation and LRA treat each block as one layer).
+    granularity: ClassVar[str] = "layer"
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -149,8 +157,9 @@ class Rule:
         """Install model-level hooks; return their handles so they can be removed."""
         return []
 
-    def local_loss(self, targets: torch.Tensor) -> torch.Tensor | None:
-        """Extra loss of the rule's own local objectives (LFNN's workers), added before backward."""
+    def local_loss(self, targets: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Extra loss of the rule's own local objectives (LFNN's workers, DTP's layer targets),
+        added before backward; `loss` is the global loss (target propagation's top target)."""
         return None
 
     def before_step(self, layers: list[nn.Module]) -> None:
@@ -196,13 +205,13 @@ class RuleHandle:
     def layers(self) -> list[nn.Module]:
         return [m for _, m in self.named_layers]
 
-    def local_loss(self, targets: torch.Tensor) -> torch.Tensor | None:
+    def local_loss(self, targets: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor | None:
         """Call after the forward pass: the rule's local losses to add to the global loss (or None)."""
-        return self.rule.local_loss(targets)
+        return self.rule.local_loss(targets, loss)
 
     def add_local_loss(self, loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss to call backward() on: the global loss plus the rule's local losses, if any."""
-        local = self.local_loss(targets)
+        local = self.local_loss(targets, loss)
         return loss if local is None else loss + local
 
     def before_step(self) -> None:

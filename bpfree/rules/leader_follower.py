@@ -184,7 +184,7 @@ class LeaderFollower(Rule):
             return grad * mask.to(grad.dtype).view(shape)
         return hook
 
-    def local_loss(self, targets: torch.Tensor) -> torch.Tensor | None:
+    def local_loss(self, targets: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor | None:
         total = None
         for layer in self._hidden:
             y = self._outputs.pop(layer, None)

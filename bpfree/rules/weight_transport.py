@@ -23,10 +23,18 @@ class KolenPollack(StoredFeedbackRule):
     lambda = 1 - eta d every step and B converges to W whatever its start. Because B is an
     ordinary Parameter with an ordinary .grad, any optimizer, scheduler, AMP and DDP apply
     to it unchanged; build the optimizer after apply_rule so it sees B.
+
+    That identity needs an optimizer that maps equal gradients to equal steps. Adam does
+    not: it normalises W's and B's gradients separately, the decay terms d W and d B are
+    normalised away with them, and W - B barely shrinks (KP then behaves like FA; measured
+    on the F transformer runs). ``match='update'`` keeps KP's invariant under any optimizer:
+    B receives exactly W's applied update, and W - B shrinks by the factor (1 - shrink)
+    after every step (SGD-KP's eta d). It stores the offset B - W, so B = W + offset.
     """
 
     name = "kp"
-    defaults = {"init": "xavier_uniform", "decay": 1e-3, "seed": None}
+    defaults = {"init": "xavier_uniform", "decay": 1e-3, "match": "gradient", "shrink": 1e-2, "seed": None}
+    state_names = ("feedback_weight", "feedback_offset")
 
     def validate_options(self):
         super().validate_options()
@@ -36,15 +44,38 @@ class KolenPollack(StoredFeedbackRule):
                 f"rule 'kp': decay must be > 0 (got {decay!r}); with no decay W - B never shrinks "
                 "and KP degenerates to FA"
             )
+        if self.options["match"] not in ("gradient", "update"):
+            raise ValueError(f"rule 'kp': match must be 'gradient' or 'update', got {self.options['match']!r}")
+        shrink = self.options["shrink"]
+        if not isinstance(shrink, (int, float)) or not 0 < shrink < 1:
+            raise ValueError(f"rule 'kp': shrink must be in (0, 1), got {shrink!r}")
+
+    @property
+    def matches_update(self) -> bool:
+        return self.options["match"] == "update"
 
     @property
     def decay(self) -> float:
-        return float(self.options["decay"])
+        return 0.0 if self.matches_update else float(self.options["decay"])
 
     def convert_layer(self, layer, index):
         with torch.no_grad():
             feedback = draw_like_weight(layer.weight, self.options["init"], self.generator(layer.weight.device))
-        layer.register_parameter("feedback_weight", nn.Parameter(feedback))
+        if self.matches_update:
+            layer.register_buffer("feedback_offset", feedback - layer.weight.detach())
+        else:
+            layer.register_parameter("feedback_weight", nn.Parameter(feedback))
+
+    def feedback(self, layer):
+        if self.matches_update:
+            return layer.weight.detach() + layer.feedback_offset
+        return layer.feedback_weight
+
+    @torch.no_grad()
+    def after_step(self, layers):
+        if self.matches_update:
+            for layer in layers:
+                layer.feedback_offset.mul_(1.0 - self.options["shrink"])
 
 
 @register_rule
