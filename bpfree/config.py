@@ -25,8 +25,10 @@ DEVICES = ("cpu", "cuda", "auto")
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
-    "train_data", "skip", "model_options", "pruning", "rules",
+    "train_data", "skip", "model_options", "pruning", "rules", "speed",
 )
+# How a profile may run the math faster; absent = fp32, eager, contiguous (the default).
+SPEED_KEYS = {"precision": ("fp32", "bf16"), "compile": (False, True), "channels_last": (False, True)}
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
     "noisy_subset": {"size": True, "flip_fraction": True},
@@ -464,6 +466,14 @@ def _validate_override(o, path) -> None:
     for key in ("train_data", "model_options", "pruning"):  # merged into the experiment's own
         if key in o:
             _mapping(o[key], f"{path}.{key}")
+    if "speed" in o:
+        speed = _mapping(o["speed"], f"{path}.speed")
+        for key, value in speed.items():
+            if key not in SPEED_KEYS:
+                raise ConfigError(f"{path}.speed.{key}", value, "unknown speed key", list(SPEED_KEYS))
+            if value not in SPEED_KEYS[key] or (isinstance(value, int) and not isinstance(value, bool)
+                                                and key != "precision"):
+                raise ConfigError(f"{path}.speed.{key}", value, "not a valid value", list(SPEED_KEYS[key]))
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
@@ -600,6 +610,8 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
     # use them are exactly what they were before the keys existed.
     if "log_every" in override or "log_every" in exp:
         exp["log_every"] = override.get("log_every", exp.get("log_every", 1))
+    if override.get("speed"):
+        exp["speed"] = {"precision": "fp32", "compile": False, "channels_last": False, **override["speed"]}
     if exp.get("train_data"):
         merged = {**exp["train_data"], **(override.get("train_data") or {})}
         if merged != exp["train_data"]:

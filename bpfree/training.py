@@ -10,6 +10,7 @@ from a dedicated generator, so the batch order depends on the run seed alone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -81,12 +82,16 @@ class DeviceSplits:
     num_classes: int
     draw: dict | None = None  # what a derived training set drew (flipped labels, classes)
     vocab_size: int | None = None
+    channels_last: bool = False  # batches leave prepare() in NHWC layout (speed.channels_last)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point() and x.dtype != torch.uint8:
             return x  # token ids
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
-        return (x - self.mean) / self.std if self.normalize else x
+        x = (x - self.mean) / self.std if self.normalize else x
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 def augment_batch(x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -300,16 +305,41 @@ def accuracy(model: nn.Module, images: DeviceSplits, x: torch.Tensor, y: torch.T
     return evaluate_split(model, images, x, y)[0]
 
 
-def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None):
+# torch.compile's backend; tests set BPFREE_COMPILE_BACKEND=aot_eager (no C++ toolchain needed).
+COMPILE_BACKEND = os.environ.get("BPFREE_COMPILE_BACKEND", "inductor")
+
+
+def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: torch.device):
+    """(module to call, autocast factory or None) for a run's `speed` settings.
+
+    The rule stays applied to `model` itself; torch.compile wraps it, so checkpoints,
+    diagnostics and the rule's hooks all see the plain module.
+    """
+    if speed.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+        images.channels_last = True
+    net = torch.compile(model, backend=COMPILE_BACKEND) if speed.get("compile") else model
+    autocast = None
+    if speed.get("precision", "fp32") == "bf16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    return net, autocast
+
+
+def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None):
     """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
 
     before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
-    uses it (the full-batch diagnostics measure that exact update). Returns (loss, logits).
+    uses it (the full-batch diagnostics measure that exact update). `autocast` (a context
+    factory, e.g. bf16 autocast) covers the forward and the losses, not the backward or the
+    rule's post-step work, as torch's AMP recipe does. Returns (loss, logits).
     """
     optimizer.zero_grad(set_to_none=True)
-    out = model(xb)
-    loss = F.cross_entropy(out, yb)
-    handle.add_local_loss(loss, yb).backward()  # rules with local objectives (LFNN) add theirs
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        out = model(xb)
+        loss = F.cross_entropy(out.float(), yb)
+        total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
+    total.backward()
     handle.before_step()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -401,6 +431,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                         **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
     optimizer = build_optimizer(model.parameters(), run["optimizer"])  # after apply_rule: KP adds B
+    net, autocast = speed_setup(model, images, run.get("speed") or {}, device)
     n = len(images.y_train)
     bs = int(run["batch_size"])
     scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, int(run["epochs"]))
@@ -468,8 +499,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                 if augment_gen is not None:
                     xb = augment_batch(xb, crop_padding, flip, augment_gen)
                 xb = images.prepare(xb)
-            loss, out = optimisation_step(model, handle, optimizer, xb, yb, clip,
-                                          measure_update if full_batch and diag_now else None)
+            loss, out = optimisation_step(net, handle, optimizer, xb, yb, clip,
+                                          measure_update if full_batch and diag_now else None, autocast)
             if per_batch_schedule:
                 scheduler.step()
             loss_sum += loss.detach().double() * len(yb)
@@ -487,8 +518,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             diagnose(epoch, step_angles)
         if epoch % log_every and epoch != epochs:
             continue
-        val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
-        test_acc, test_loss = evaluate_split(model, images, images.x_test, images.y_test)
+        val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val)
+        test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test)
         record = {
             "epoch": epoch,
             "lr": lr,

@@ -253,6 +253,13 @@ def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
     return r_in, f_w, f_b
 
 
+def _in_weight_dtype(saved):
+    """Under autocast the forward saw bf16 activations and fp32 weights: the reward is
+    distributed in the weight's precision (no autocast runs in backward)."""
+    x, weight, bias, z = saved
+    return x.to(weight.dtype), weight, bias, z.to(weight.dtype)
+
+
 class LFPLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
@@ -263,9 +270,10 @@ class LFPLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z = ctx.saved_tensors
-        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg)
-        return r_in, -f_w, None if f_b is None else -f_b, None
+        x, weight, bias, z = _in_weight_dtype(ctx.saved_tensors)
+        in_dtype = ctx.saved_tensors[0].dtype
+        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward.to(weight.dtype), *ctx.cfg)
+        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None
 
 
 class LFPConv2dFunction(torch.autograd.Function):
@@ -278,10 +286,11 @@ class LFPConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z = ctx.saved_tensors
+        x, weight, bias, z = _in_weight_dtype(ctx.saved_tensors)
+        in_dtype = ctx.saved_tensors[0].dtype
         ops = _ConvOps(x, ctx.conv, weight)
-        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg)
-        return r_in, -f_w, None if f_b is None else -f_b, None, None, None, None, None
+        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward.to(weight.dtype), *ctx.cfg)
+        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the rules

@@ -137,6 +137,10 @@ class WeightMirror(StoredFeedbackRule):
         layer.feedback_weight.lerp_(estimate, opts["mirror_lr"])
 
     def after_step(self, layers):
-        for _ in range(self.options["mirror_steps"]):
-            for layer in layers:
-                self.mirror(layer)
+        if not layers:
+            return
+        # The mirror phase is its own fp32 computation, whatever autocast the caller is in.
+        with torch.autocast(layers[0].weight.device.type, enabled=False):
+            for _ in range(self.options["mirror_steps"]):
+                for layer in layers:
+                    self.mirror(layer)
