@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import platform
 import statistics
 import time
@@ -75,7 +76,7 @@ CASES = {
 # (cases, warm-up steps, timed steps per repeat, repeats) per pipeline profile.
 PROFILES = {
     "smoke": {"cases": ["mlp_mnist", "bert_sick"], "warmup": 1, "steps": 2, "repeats": 2, "batch": 8},
-    "cpu": {"cases": ["mlp_mnist", "lenet_cifar10", "bert_sick"], "warmup": 3, "steps": 10, "repeats": 5},
+    "cpu": {"cases": ["mlp_mnist", "lenet_cifar10", "bert_sick"], "warmup": 3, "steps": 5, "repeats": 5},
     "gpu": {"cases": list(CASES), "warmup": 10, "steps": 50, "repeats": 5},
 }
 
@@ -214,6 +215,15 @@ def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, re
             "optimizer": case.optimizer, "rules": results}
 
 
+def _load_average() -> float | None:
+    """Other work on the machine inflates every rule's time alike (the ratios hold), not the
+    absolute times: recorded so a reader can tell a quiet machine from a busy one."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
     if profile not in PROFILES:
         raise ValueError(f"unknown benchmark profile {profile!r}; valid: {', '.join(PROFILES)}")
@@ -226,7 +236,8 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
         "profile": profile, "device": str(device), "dtype": "float32",
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(), "warmup": spec["warmup"], "steps": spec["steps"],
+        "threads": torch.get_num_threads(), "load_average_1min": _load_average(),
+        "warmup": spec["warmup"], "steps": spec["steps"],
         "repeats": spec["repeats"], "memory": "CUDA max allocated" if device.type == "cuda"
         else "process RSS after building the rule's model alone and 2 steps (in brackets: what they added)",
         "environment": environment_info(device), "git": git_info(), "cases": results,
@@ -256,6 +267,8 @@ def render_markdown(records: dict) -> str:
         env = record.get("environment", {})
         git = record.get("git", {})
         lines += [f"## Profile `{profile}`: {record['device']} ({record['device_name']}), {record['threads']} thread(s)", "",
+                  f"- 1-minute load average at the start: {_fmt(record.get('load_average_1min'), 1)} "
+                  f"(other work slows every rule alike; the ratios hold, absolute times do not)",
                   f"- {record['dtype']}; warm-up {record['warmup']} steps, {record['repeats']} repeats of "
                   f"{record['steps']} steps; memory: {record['memory']}",
                   f"- torch {env.get('torch', '?')}, python {env.get('python', '?')}; commit "
