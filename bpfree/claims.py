@@ -514,6 +514,22 @@ def evaluate_claim(claim: Claim, summaries: dict[str, dict]) -> ClaimResult:
     return ClaimResult(claim, verdict, rows, reason)
 
 
+def row_status(claim: Claim, row: Row) -> str:
+    """PASS / known failure / not run, or a problem: a new FAIL (or DIVERGED), or a listed
+    known failure that now passes (the registry must be kept true)."""
+    known = claim.known_failures.get(row.rule) or claim.known_failures.get(row.rule.split(" vs ")[0])
+    if row.verdict == PASS:
+        return "now passes" if known else "pass"
+    if row.verdict == FAIL and known:
+        return "known failure"
+    if row.verdict == NOT_RUN:
+        return "not run"
+    return "new failure"
+
+
+PROBLEM_STATUSES = ("now passes", "new failure")
+
+
 def evaluate_all(claims: list[Claim], summaries: dict[str, dict]) -> list[ClaimResult]:
     return [evaluate_claim(c, summaries) for c in claims]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfree.claims import FAIL, NOT_RUN, PASS, evaluate_claim, claims_for_params, load_claims, load_registry, load_summaries
+from bpfree.claims import evaluate_claim, claims_for_params, load_claims, load_registry, load_summaries, row_status
 from bpfree.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,19 +45,16 @@ def test_claim_reproduces(claim):
     result = evaluate_claim(claim, SUMMARIES)
     problems, expected, not_run = [], [], []
     for row in result.rows:
-        rule = row.rule.split(" vs ")[0]
-        # comparison claims key known failures by the check's full label
-        known = claim.known_failures.get(row.rule) or claim.known_failures.get(rule)
+        status = row_status(claim, row)  # comparison claims key known failures by the check's label
         line = (f"{row.rule}: paper {row.paper}, reproduced {row.reproduced}, tol {row.tolerance}, "
                 f"{row.verdict} ({row.notes})")
-        if row.verdict == PASS:
-            if known:
-                problems.append(f"{line}\n    now PASSES: remove it from known_failures")
-        elif row.verdict == FAIL and known:
+        if status == "now passes":
+            problems.append(f"{line}\n    now PASSES: remove it from known_failures")
+        elif status == "known failure":
             expected.append(line)
-        elif row.verdict == NOT_RUN:
+        elif status == "not run":
             not_run.append(line)
-        else:
+        elif status == "new failure":
             problems.append(line)
     assert not problems, f"{claim.id} does not reproduce:\n  " + "\n  ".join(problems)
     if not_run:

@@ -1,0 +1,140 @@
+"""`bpfree`: what the suite holds, one training run, and the verdicts of the committed results.
+
+    bpfree list [rules|models|datasets|claims]   what can be run and checked, with provenance
+    bpfree train EXPERIMENT [--profile P] [--rules R ...] [--seeds S ...]
+                                                 runs through the pipeline's train stage
+    bpfree claims [--profile P]                  verdict table; exit 1 on a new failure
+    bpfree report                                rebuild results/tables, figures, README
+
+`train` and `report` run the pipeline's own stages (`python -m stages.train`,
+`python -m stages.tables`), so they need the repository root as working directory; `list`
+and `claims` work anywhere (`claims` reads results/ under --results).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+WHAT = ("rules", "models", "datasets", "claims")
+
+
+def _table(rows: list[list], headers: list[str]) -> str:
+    from tabulate import tabulate
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def _first_line(doc: str | None) -> str:
+    return next(iter((doc or "").strip().splitlines()), "")
+
+
+def cmd_list(args) -> int:
+    from bpfree.claims import load_claims
+    from bpfree.data import list_datasets
+    from bpfree.data.sources import get_source
+    from bpfree.models import list_models, model_options
+    from bpfree.rules import get_rule_class, list_rules
+
+    sections = [args.what] if args.what else list(WHAT)
+    for what in sections:
+        if what == "rules":
+            rows = [[name, get_rule_class(name).granularity,
+                     ", ".join(f"{k}={v!r}" for k, v in get_rule_class(name).defaults.items()) or "—",
+                     _first_line(get_rule_class(name).__doc__)] for name in list_rules()]
+            print(_table(rows, ["rule", "applies to", "options (defaults)", "what"]))
+        elif what == "models":
+            rows = [[name, ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())] for name in list_models()]
+            print(_table(rows, ["model", "options (defaults)"]))
+        elif what == "datasets":
+            rows = [[name, get_source(name).kind, get_source(name).description] for name in list_datasets()]
+            print(_table(rows, ["dataset", "kind", "description"]))
+        else:
+            rows = [[c.id, c.paper, c.profile, c.experiment, f"{c.provenance['kind']}: {c.provenance['source']}"]
+                    for c in load_claims()]
+            print(_table(rows, ["claim", "paper", "profile", "experiment", "provenance"]))
+        print()
+    return 0
+
+
+def cmd_claims(args) -> int:
+    from bpfree.claims import PROBLEM_STATUSES, evaluate_all, load_claims, load_summaries, row_status
+
+    claims = [c for c in load_claims() if args.profile in (None, c.profile)]
+    results = evaluate_all(claims, load_summaries(args.results))
+    rows, problems = [], 0
+    for result in results:
+        for row in result.rows:
+            status = row_status(result.claim, row)
+            problems += status in PROBLEM_STATUSES
+            rows.append([row.claim, row.rule, row.paper[:40], row.reproduced, row.tolerance, row.verdict, status])
+    print(_table(rows, ["claim", "check", "paper", "reproduced", "tolerance", "verdict", "status"]))
+    if problems:
+        print(f"\n{problems} row(s) are new failures or known failures that now pass", file=sys.stderr)
+        return 1
+    print(f"\nno new failures ({len(rows)} rows; known failures are listed with their reasons in bpfree/claims.yaml)")
+    return 0
+
+
+def _stage(name: str, argv: list[str]) -> int:
+    if not Path("stages", f"{name}.py").is_file():
+        print(f"error: `bpfree {name if name != 'tables' else 'report'}` runs the pipeline stage "
+              f"stages/{name}.py: run it from the repository root", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path.cwd()))
+    module = __import__(f"stages.{name}", fromlist=["main"])
+    from bpfree.config import ConfigError
+    from bpfree.data import DataError
+    try:
+        return module.main(argv) or 0
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    argv = [args.experiment]
+    if args.profile:
+        argv += ["--profile", args.profile]
+    if args.rules:
+        argv += ["--rules", *args.rules]
+    if args.seeds:
+        argv += ["--seeds", *map(str, args.seeds)]
+    return _stage("train", argv)
+
+
+def cmd_report(args) -> int:
+    return _stage("tables", ["--results", args.results])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpfree", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Backpropagation-free learning rules: a library, the papers' experiments and their verdicts.",
+        epilog="Reproduce everything with `dvc repro` (profile in params.yaml); see README.md.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="rules, models, datasets and claims (with provenance)")
+    p.add_argument("what", nargs="?", choices=WHAT)
+    p.set_defaults(run=cmd_list)
+    p = sub.add_parser("train", help="run an experiment's (rule, seed) runs, as the pipeline does")
+    p.add_argument("experiment", help="an experiment id of params.yaml (bpfree list claims shows which are checked)")
+    p.add_argument("--profile", help="smoke, cpu or gpu (default: params.yaml's profile)")
+    p.add_argument("--rules", nargs="*", help="only these rules")
+    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("claims", help="verdicts of the committed results; exit 1 on a new failure")
+    p.add_argument("--profile", help="only claims checked in this profile")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.set_defaults(run=cmd_claims)
+    p = sub.add_parser("report", help="rebuild results/tables, results/figures and results/README.md")
+    p.add_argument("--results", default="results")
+    p.set_defaults(run=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The `bpfree` command: list, claims (exit status), and the stage-backed train/report."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpfree import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("what", ["rules", "models", "datasets", "claims"])
+def test_list_sections(what, capsys):
+    assert cli.main(["list", what]) == 0
+    out = capsys.readouterr().out
+    expected = {"rules": ["| dtp", "| lfnn_l", "block"], "models": ["bert_classifier", "resnet18"],
+                "datasets": ["sick", "mnist"], "claims": ["F1-kp-tracks-bp-sick", "qualitative"]}[what]
+    assert all(text in out for text in expected)
+
+
+def test_claims_exit_status_follows_new_failures(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["claims", "--profile", "cpu"]) == 0  # the committed results: known failures only
+    assert "known failure" in capsys.readouterr().out
+    import bpfree.claims
+    monkeypatch.setattr(bpfree.claims, "row_status", lambda claim, row: "new failure")
+    assert cli.main(["claims", "--profile", "cpu"]) == 1
+
+
+def test_stage_commands_need_the_repository_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report"]) == 2
+    assert "repository root" in capsys.readouterr().err
+
+
+def test_train_rejects_an_unknown_experiment_with_one_line(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["train", "Z9_nothing", "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Z9_nothing" in err
+
+
+def test_console_script_help_is_installed():
+    done = subprocess.run([sys.executable, "-m", "bpfree.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "claims" in done.stdout and "dvc repro" in done.stdout
