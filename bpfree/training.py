@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree import distributed
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
 from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model, model_options
@@ -309,16 +310,17 @@ def accuracy(model: nn.Module, images: DeviceSplits, x: torch.Tensor, y: torch.T
 COMPILE_BACKEND = os.environ.get("BPFREE_COMPILE_BACKEND", "inductor")
 
 
-def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: torch.device):
-    """(module to call, autocast factory or None) for a run's `speed` settings.
+def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: torch.device, ranks=None):
+    """(module to call, autocast factory or None) for a run's `speed` settings and ranks.
 
-    The rule stays applied to `model` itself; torch.compile wraps it, so checkpoints,
+    The rule stays applied to `model` itself; DDP and torch.compile wrap it, so checkpoints,
     diagnostics and the rule's hooks all see the plain module.
     """
     if speed.get("channels_last"):
         model.to(memory_format=torch.channels_last)
         images.channels_last = True
-    net = torch.compile(model, backend=COMPILE_BACKEND) if speed.get("compile") else model
+    net = distributed.wrap(model, ranks, device)
+    net = torch.compile(net, backend=COMPILE_BACKEND) if speed.get("compile") else net
     autocast = None
     if speed.get("precision", "fp32") == "bf16":
         def autocast():
@@ -326,20 +328,22 @@ def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: tor
     return net, autocast
 
 
-def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None):
+def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None,
+                      loss_weight=None):
     """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
 
     before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
     uses it (the full-batch diagnostics measure that exact update). `autocast` (a context
     factory, e.g. bf16 autocast) covers the forward and the losses, not the backward or the
-    rule's post-step work, as torch's AMP recipe does. Returns (loss, logits).
+    rule's post-step work, as torch's AMP recipe does. `loss_weight` scales what is
+    back-propagated (a data-parallel rank's short shard). Returns (loss, logits).
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(xb)
         loss = F.cross_entropy(out.float(), yb)
         total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
-    total.backward()
+    (total if loss_weight is None else total * loss_weight).backward()
     handle.before_step()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -422,6 +426,9 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 
     wall0 = time.perf_counter()
     device = torch.device(device) if not isinstance(device, torch.device) else device
+    ranks = distributed.from_environment()  # torchrun: this process is one data-parallel rank
+    if ranks is not None and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
     set_determinism(run.get("threads"))
     seed = int(run["seed"])
     images = device_splits(data, run, device)
@@ -431,9 +438,11 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
                         **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
     optimizer = build_optimizer(model.parameters(), run["optimizer"])  # after apply_rule: KP adds B
-    net, autocast = speed_setup(model, images, run.get("speed") or {}, device)
+    net, autocast = speed_setup(model, images, run.get("speed") or {}, device, ranks)
     n = len(images.y_train)
     bs = int(run["batch_size"])
+    if ranks is not None and bs % ranks.world:
+        raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
     scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, int(run["epochs"]))
     per_batch_schedule = run["schedule"]["name"] in PER_BATCH_SCHEDULES
     clip = run["optimizer"].get("clip_grad_norm")
@@ -447,7 +456,9 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     if crop_padding or flip:
         augment_gen = torch.Generator(device=device).manual_seed(seed + 1)  # own stream
     full_batch = bs >= n and augment_gen is None
-    x_full = images.prepare(images.x_train) if full_batch else None
+    full_index = distributed.shard(torch.arange(n, device=images.y_train.device), ranks)
+    x_full = images.prepare(images.x_train[full_index]) if full_batch else None
+    y_full = images.y_train[full_index] if full_batch else None
 
     diag_cfg = run.get("diagnostics") or {}
     diag_every = int(diag_cfg.get("every", 0) or 0)
@@ -492,20 +503,24 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
         for step, i in enumerate(range(0, n, bs)):
             token = timer.start()
             if full_batch:
-                xb, yb = x_full, images.y_train
+                xb, yb, global_count = x_full, y_full, n
             else:
-                idx = perm[i:i + bs]
+                global_idx = perm[i:i + bs]
+                idx, global_count = distributed.shard(global_idx, ranks), len(global_idx)
                 xb, yb = images.x_train[idx], images.y_train[idx]
                 if augment_gen is not None:
                     xb = augment_batch(xb, crop_padding, flip, augment_gen)
                 xb = images.prepare(xb)
             loss, out = optimisation_step(net, handle, optimizer, xb, yb, clip,
-                                          measure_update if full_batch and diag_now else None, autocast)
+                                          measure_update if full_batch and diag_now else None, autocast,
+                                          distributed.loss_weight(len(yb), global_count, ranks))
             if per_batch_schedule:
                 scheduler.step()
             loss_sum += loss.detach().double() * len(yb)
             correct += (out.detach().argmax(1) == yb).sum()
             timer.stop(token, keep=step >= warmup and not untimed)
+        distributed.all_sum(loss_sum, ranks)
+        distributed.all_sum(correct, ranks)
         train_loss = (loss_sum / n).item()
         if not math.isfinite(train_loss):
             status, diverged_epoch = STATUS_DIVERGED, epoch
@@ -537,7 +552,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 
     step_ms = timer.mean_ms()
     checkpoint = None
-    if checkpoint_path is not None and status == STATUS_OK:
+    if checkpoint_path is not None and status == STATUS_OK and (ranks is None or ranks.leader):
         atomic_torch_save(checkpoint_path, {
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "model": run["model"]["name"], "rule": run["rule"]["name"], "seed": seed,
@@ -572,6 +587,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
         "data": {"dataset": run["dataset"], "variant": manifest.get("variant"),
                  "hash": data_hash(manifest)},
         "environment": environment_info(device),
+        **({"distributed": {"world_size": ranks.world, "backend": torch.distributed.get_backend()}}
+           if ranks is not None else {}),
         "git": git_info(),
         "config": run,
     })

@@ -9,7 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from stages import MISSING_FILE, NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log, runs_dir
+import os
+
+from stages import MISSING_FILE, NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log as _log, runs_dir
+
+# Under torchrun every rank trains; only rank 0 speaks and writes results.
+LEADER = int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if LEADER:
+        _log(msg)
 
 
 def existing_hashes(path) -> tuple[str | None, str | None]:
@@ -112,6 +122,8 @@ def main(argv: list[str]) -> int:
         else:
             metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
         metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])
+        if not LEADER:
+            continue
         atomic_write_json(metrics_path, metrics, compact=metrics.get("curves") is not None)
         log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "
             f"{metrics['wall_time_s']:.1f}s")
