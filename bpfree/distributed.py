@@ -61,3 +61,33 @@ def wrap(model: torch.nn.Module, ranks: Ranks | None, device: torch.device) -> t
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean over ranks (rule statistics that must agree, e.g. LFNN's worker
+    losses); a no-op outside a process group."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: rank 0's value everywhere (state a rule updates from random draws)."""
+    if _active():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def active() -> bool:
+    return _active()

@@ -66,3 +66,45 @@ def test_shards_partition_a_batch_and_weights_give_the_global_mean():
     weighted = [(loss_weight(len(s), 10, r) or 1.0) * values[s].mean() for s, r in zip(shards, ranks)]
     assert (sum(weighted) / 3).item() == pytest.approx(values.mean().item(), rel=1e-6)
     assert loss_weight(4, 12, ranks[0]) is None and shard(index, None) is index
+
+
+def _rule_state_main(rank, world, port, rule, out_dir):
+    """A few DDP steps of `rule` on this rank's shard; save the rule state that must agree."""
+    import torch.distributed as dist
+    import torch.nn.functional as F  # noqa: F401
+    from bpfree import distributed
+    from bpfree.models import build_model
+    from bpfree.rules import apply_rule
+    from bpfree.training import optimisation_step
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ranks = distributed.from_environment()
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, in_features=784, widths=[32, 16])
+    handle = apply_rule(model, rule, **({"workers": 4} if rule.startswith("lfnn") else {}))
+    net = distributed.wrap(model, ranks, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 784, generator=gen), torch.randint(0, 10, (40,), generator=gen)
+    torch.manual_seed(100 + rank)  # ranks' private random streams differ on purpose
+    for step in range(3):
+        idx = distributed.shard(torch.arange(step * 8, step * 8 + 8), ranks)
+        optimisation_step(net, handle, optimizer, x[idx], y[idx])
+    state = {"weights": {k: v.clone() for k, v in model.state_dict().items()}}
+    if rule.startswith("lfnn"):
+        state["leaders"] = [handle.rule.leader_selection(layer)["leaders"].clone()
+                            for layer in handle.layers[:-1]]
+    torch.save(state, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", ["wm", "lfnn", "lfnn_l", "dfa"])
+def test_rule_state_stays_identical_across_ranks(rule, tmp_path):
+    """WM's mirror noise and LFNN's leader choice would differ per rank without agreement."""
+    mp.spawn(_rule_state_main, args=(2, _free_port(), rule, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in a["weights"]:  # model weights and the rule's buffers (B of WM and DFA)
+        torch.testing.assert_close(a["weights"][key], b["weights"][key], rtol=0, atol=0, msg=key)
+    for leaders_a, leaders_b in zip(a.get("leaders", []), b.get("leaders", [])):
+        assert torch.equal(leaders_a, leaders_b)

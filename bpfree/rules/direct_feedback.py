@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bpfree import distributed
 from bpfree.rules.base import Rule, _remove_state, register_rule
 
 
@@ -120,6 +121,7 @@ class DirectFeedbackAlignment(Rule):
         bound = (6.0 / (in_dim + out_dim)) ** 0.5
         matrix = torch.empty(in_dim, out_dim, device=output.device, dtype=torch.float32)
         matrix.uniform_(-bound, bound, generator=self.generator(output.device))
+        distributed.broadcast_(matrix)  # drawn lazily: data-parallel ranks take rank 0's draw
         layer.register_buffer("dfa_feedback", matrix)
 
     def attach(self, model, layers):

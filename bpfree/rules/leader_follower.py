@@ -41,6 +41,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from bpfree import distributed
 from bpfree.rules.base import Rule, _remove_state, register_rule
 
 _READOUT_STATE = ("lf_readout_weight", "lf_readout_bias", "lf_joint_weight", "lf_joint_bias")
@@ -204,8 +205,8 @@ class LeaderFollower(Rule):
         pooled = grouped.flatten(3).mean(3) if grouped.dim() > 3 else grouped  # (B, W, k)
         weight, bias = layer.lf_readout_weight, layer.lf_readout_bias
         with torch.no_grad():
-            losses = worker_prediction_losses(pooled, weight, bias, targets)
-        leaders, followers = rank_workers(losses, self.options["delta"])
+            losses = distributed.average_(worker_prediction_losses(pooled, weight, bias, targets))
+        leaders, followers = rank_workers(losses, self.options["delta"])  # the same on every rank
         is_leader = torch.zeros(workers, dtype=torch.bool, device=y.device)
         is_leader[leaders] = True
         setattr(layer, _SELECTION, {"losses": losses, "leaders": leaders})
@@ -232,7 +233,10 @@ class LeaderFollower(Rule):
                 with torch.no_grad():
                     a = flat[:, followers].transpose(0, 1).flatten(1)  # (F, B*k*spatial)
                     b = target.transpose(0, 1).flatten(1)  # (L, B*k*spatial)
-                    assigned = torch.cdist(a, b).argmin(1)
+                    if distributed.active():  # squared distances add up over the ranks' shards
+                        assigned = distributed.sum_(torch.cdist(a, b).pow(2)).argmin(1)
+                    else:
+                        assigned = torch.cdist(a, b).argmin(1)
             gap = flat[:, followers] - target[:, assigned]
             loss = loss + self.options["alignment_weight"] * gap.pow(2).mean((0, 2)).sum()
         return loss

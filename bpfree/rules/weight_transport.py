@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bpfree import distributed
 from bpfree.rules.base import register_rule
 from bpfree.rules.feedback_alignment import FEEDBACK_INITS, StoredFeedbackRule, draw_like_weight
 from bpfree.rules.functional import conv_weight_gradient
@@ -144,3 +145,5 @@ class WeightMirror(StoredFeedbackRule):
             for _ in range(self.options["mirror_steps"]):
                 for layer in layers:
                     self.mirror(layer)
+        for layer in layers:  # data-parallel ranks keep rank 0's mirror (their noise may differ)
+            distributed.broadcast_(layer.feedback_weight)
