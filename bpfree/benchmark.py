@@ -76,7 +76,8 @@ CASES = {
 # (cases, warm-up steps, timed steps per repeat, repeats) per pipeline profile.
 PROFILES = {
     "smoke": {"cases": ["mlp_mnist", "bert_sick"], "warmup": 1, "steps": 2, "repeats": 2, "batch": 8},
-    "cpu": {"cases": ["mlp_mnist", "lenet_cifar10", "bert_sick"], "warmup": 3, "steps": 5, "repeats": 5},
+    "cpu": {"cases": ["mlp_mnist", "lenet_cifar10", "resnet18_cifar10", "bert_sick"], "warmup": 3, "steps": 5,
+            "repeats": 5, "batches": {"resnet18_cifar10": 32}},  # a one-thread ResNet-18 step at 128 takes seconds
     "gpu": {"cases": list(CASES), "warmup": 10, "steps": 50, "repeats": 5},
 }
 
@@ -228,8 +229,10 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
     if profile not in PROFILES:
         raise ValueError(f"unknown benchmark profile {profile!r}; valid: {', '.join(PROFILES)}")
     spec = PROFILES[profile]
-    cases = [CASES[name] if "batch" not in spec else dataclasses.replace(CASES[name], batch=spec["batch"])
-             for name in spec["cases"]]
+    cases = []
+    for name in spec["cases"]:
+        batch = spec.get("batches", {}).get(name, spec.get("batch"))
+        cases.append(CASES[name] if batch is None else dataclasses.replace(CASES[name], batch=batch))
     results = [benchmark_case(case, device, spec["warmup"], spec["steps"], spec["repeats"], log=log)
                for case in cases]
     return {
