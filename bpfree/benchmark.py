@@ -16,7 +16,6 @@ import gc
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule, list_layer_rules, list_rules
-from bpfree.training import optimisation_step
+from bpfree.training import StepTimer, optimisation_step
 
 # Targets of issue 9 on GPU (ratio of the rule's median step time to BP's).
 GPU_TARGETS = {
@@ -122,21 +121,14 @@ def make_step(case: Case, rule: str, device: torch.device):
 
 
 def _timer(device: torch.device):
-    if device.type == "cuda":
-        def timed(step, steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                step()
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end) / steps
-    else:
-        def timed(step, steps):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            return (time.perf_counter() - t0) * 1e3 / steps
+    """ms per step over `steps` consecutive steps, with the trainer's timer (CUDA events on GPU)."""
+    def timed(step, steps):
+        timer = StepTimer(device)
+        token = timer.start()
+        for _ in range(steps):
+            step()
+        timer.stop(token, keep=True)
+        return timer.mean_ms() / steps
     return timed
 
 

@@ -13,6 +13,7 @@ and `claims` work anywhere (`claims` reads results/ under --results).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def _stage(name: str, argv: list[str]) -> int:
               f"stages/{name}.py: run it from the repository root", file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path.cwd()))
-    module = __import__(f"stages.{name}", fromlist=["main"])
+    module = importlib.import_module(f"stages.{name}")
     from bpfree.config import ConfigError
     from bpfree.data import DataError
     try:

@@ -27,8 +27,9 @@ PROFILE_KEYS = (
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
     "train_data", "skip", "model_options", "pruning", "rules", "speed",
 )
-# How a profile may run the math faster; absent = fp32, eager, contiguous (the default).
-SPEED_KEYS = {"precision": ("fp32", "bf16"), "compile": (False, True), "channels_last": (False, True)}
+# How a profile may run the math faster; absent = these defaults (fp32, eager, contiguous).
+SPEED_DEFAULTS = {"precision": "fp32", "compile": False, "channels_last": False}
+PRECISIONS = ("fp32", "bf16")
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
     "noisy_subset": {"size": True, "flip_fraction": True},
@@ -468,12 +469,12 @@ def _validate_override(o, path) -> None:
             _mapping(o[key], f"{path}.{key}")
     if "speed" in o:
         speed = _mapping(o["speed"], f"{path}.speed")
-        for key, value in speed.items():
-            if key not in SPEED_KEYS:
-                raise ConfigError(f"{path}.speed.{key}", value, "unknown speed key", list(SPEED_KEYS))
-            if value not in SPEED_KEYS[key] or (isinstance(value, int) and not isinstance(value, bool)
-                                                and key != "precision"):
-                raise ConfigError(f"{path}.speed.{key}", value, "not a valid value", list(SPEED_KEYS[key]))
+        _keys(speed, {key: False for key in SPEED_DEFAULTS}, f"{path}.speed")
+        if "precision" in speed:
+            _choice(speed["precision"], f"{path}.speed.precision", PRECISIONS)
+        for key in ("compile", "channels_last"):
+            if key in speed:
+                _bool(speed[key], f"{path}.speed.{key}")
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
@@ -611,7 +612,7 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
     if "log_every" in override or "log_every" in exp:
         exp["log_every"] = override.get("log_every", exp.get("log_every", 1))
     if override.get("speed"):
-        exp["speed"] = {"precision": "fp32", "compile": False, "channels_last": False, **override["speed"]}
+        exp["speed"] = {**SPEED_DEFAULTS, **override["speed"]}
     if exp.get("train_data"):
         merged = {**exp["train_data"], **(override.get("train_data") or {})}
         if merged != exp["train_data"]:

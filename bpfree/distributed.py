@@ -2,11 +2,13 @@
 
 Every rank holds a full replica of the model and of the rule's state; each global batch is
 split into shards by rank, and DistributedDataParallel averages the gradients (the rule's
-.grad, KP's B included) before the optimizer step. Rule state that is drawn rather than
-learned (FA/DFA matrices, WM's mirror noise) comes from the run seed, which every rank
-shares, so it stays identical without communication. Why shards are weighted: DDP averages
-over ranks, which equals the global batch mean only if every rank holds as many examples;
-a shorter last batch is weighted by its shard size instead.
+.grad, KP's B included) before the optimizer step. Rule state that is drawn or chosen
+rather than learned agrees through the helpers below: DFA's lazily drawn matrices and WM's
+mirror are rank 0's (broadcast_), LFNN ranks its workers on losses averaged over the ranks
+(average_). Outside a process group every helper is a no-op.
+
+Why shards are weighted: DDP averages over ranks, which equals the global batch mean only
+if every rank holds as many examples; a shorter last batch is weighted by its shard size.
 """
 from __future__ import annotations
 
@@ -50,10 +52,9 @@ def loss_weight(local: int, global_count: int, ranks: Ranks | None) -> float | N
     return ranks.world * local / global_count
 
 
-def all_sum(tensor: torch.Tensor, ranks: Ranks | None) -> torch.Tensor:
-    if ranks is not None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+def leader_process() -> bool:
+    """Rank 0 under torchrun (read from the environment, before any process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks | None, device: torch.device) -> torch.nn.Module:
@@ -63,31 +64,28 @@ def wrap(model: torch.nn.Module, ranks: Ranks | None, device: torch.device) -> t
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _active() -> bool:
+def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def average_(tensor: torch.Tensor) -> torch.Tensor:
     """In place: the mean over ranks (rule statistics that must agree, e.g. LFNN's worker
     losses); a no-op outside a process group."""
-    if _active():
+    if active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
-    if _active():
+    """In place: the sum over ranks (epoch loss and accuracy counts)."""
+    if active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """In place: rank 0's value everywhere (state a rule updates from random draws)."""
-    if _active():
+    if active():
         dist.broadcast(tensor, src=0)
     return tensor
-
-
-def active() -> bool:
-    return _active()

@@ -130,6 +130,30 @@ def normalisation(data, device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def subset_indices(run: dict, n_train: int, n_test: int, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's train_subset / test_subset as sorted index draws from `data_seed` (in that
+    order, one generator), or every index; the same for images and text."""
+    gen = torch.Generator().manual_seed(int(run["data_seed"]))
+    drawn = []
+    for key, total, what in (("train_subset", n_train, "training"), ("test_subset", n_test, "test")):
+        size = run.get(key)
+        if size is None:
+            drawn.append(torch.arange(total))
+            continue
+        if size > total:
+            raise ValueError(f"{key} {size} > {total} {what} {unit}")
+        drawn.append(torch.randperm(total, generator=gen)[:size].sort().values)
+    return drawn[0], drawn[1]
+
+
+def train_val_indices(n: int, run: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the training pool of the training and the validation examples."""
+    if run["val_size"] > 0:
+        tr, va = train_val_split(n, run["val_size"], run["data_seed"])
+        return _as_index(tr), _as_index(va)
+    return torch.arange(n), torch.arange(0)
+
+
 # The split a text set is evaluated on, by preference (MNLI: the matched dev set, as the paper).
 TEXT_TEST_SPLITS = ("test", "dev_matched", "dev")
 
@@ -148,24 +172,9 @@ def device_text(data, run: dict, device: torch.device) -> DeviceSplits:
     test_split = next((name for name in TEXT_TEST_SPLITS if name in data.splits), None)
     if test_split is None:
         raise ValueError(f"{run['dataset']} has no labelled evaluation split ({', '.join(TEXT_TEST_SPLITS)})")
-    gen = torch.Generator().manual_seed(int(run["data_seed"]))
     train, test = data.splits["train"], data.splits[test_split]
-    pool, test_idx = torch.arange(len(train)), torch.arange(len(test))
-    for name, size, examples in (("train_subset", run.get("train_subset"), train),
-                                 ("test_subset", run.get("test_subset"), test)):
-        if size is None:
-            continue
-        if size > len(examples):
-            raise ValueError(f"{name} {size} > {len(examples)} examples")
-        drawn = torch.randperm(len(examples), generator=gen)[:size].sort().values
-        if name == "train_subset":
-            pool = drawn
-        else:
-            test_idx = drawn
-    if run["val_size"] > 0:
-        tr, va = (_as_index(i) for i in train_val_split(len(pool), run["val_size"], run["data_seed"]))
-    else:
-        tr, va = torch.arange(len(pool)), torch.arange(0)
+    pool, test_idx = subset_indices(run, len(train), len(test), "examples")
+    tr, va = train_val_indices(len(pool), run)
     max_len = text_max_len(run)
 
     def encoded(examples, idx):
@@ -197,18 +206,8 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
     """Cut the run's subsets out of the prepared tensors and resize them once, on device."""
     if hasattr(data, "tokenizer"):
         return device_text(data, run, device)
-    gen = torch.Generator().manual_seed(int(run["data_seed"]))
-    n_train, n_test = len(data.y_train), len(data.y_test)
-    pool = torch.arange(n_train)
-    if run.get("train_subset") is not None:
-        if run["train_subset"] > n_train:
-            raise ValueError(f"train_subset {run['train_subset']} > {n_train} training images")
-        pool = torch.randperm(n_train, generator=gen)[: run["train_subset"]].sort().values
-    test_idx = torch.arange(n_test)
-    if run.get("test_subset") is not None:
-        if run["test_subset"] > n_test:
-            raise ValueError(f"test_subset {run['test_subset']} > {n_test} test images")
-        test_idx = torch.randperm(n_test, generator=gen)[: run["test_subset"]].sort().values
+    pool, test_idx = subset_indices(run, len(data.y_train), len(data.y_test), "images")
+
     def take(x, idx):
         return x[idx.to(x.device)].to(device)
 
@@ -226,11 +225,7 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
             test_idx, y_test = task_subset(test_idx, y_test.cpu(), classes)
             y_pool, y_test, num_classes = y_pool.to(device), y_test.to(device), spec["k"]
             draw = {"kind": "k_class", "seed": spec["seed"], "classes": classes}
-    if run["val_size"] > 0:
-        tr, va = train_val_split(len(pool), run["val_size"], run["data_seed"])
-        tr, va = _as_index(tr), _as_index(va)
-    else:
-        tr, va = torch.arange(len(pool)), torch.arange(0)
+    tr, va = train_val_indices(len(pool), run)
     tr_idx, va_idx = pool[tr], pool[va]
     y_tr, y_va = y_pool[tr.to(y_pool.device)], y_pool[va.to(y_pool.device)]
 
@@ -354,7 +349,7 @@ def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update
     return loss, out
 
 
-class _StepTimer:
+class StepTimer:
     """Per-step wall time; CUDA events on GPU so that asynchronous kernels are counted."""
 
     def __init__(self, device: torch.device):
@@ -482,7 +477,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 
     epochs = int(run["epochs"])
     log_every = int(run.get("log_every", 1))
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     history: list[dict] = []
     status, diverged_epoch = STATUS_OK, None
     model.train()
@@ -519,8 +514,8 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             loss_sum += loss.detach().double() * len(yb)
             correct += (out.detach().argmax(1) == yb).sum()
             timer.stop(token, keep=step >= warmup and not untimed)
-        distributed.all_sum(loss_sum, ranks)
-        distributed.all_sum(correct, ranks)
+        distributed.sum_(loss_sum)
+        distributed.sum_(correct)
         train_loss = (loss_sum / n).item()
         if not math.isfinite(train_loss):
             status, diverged_epoch = STATUS_DIVERGED, epoch

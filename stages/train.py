@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import os
-
+from bpfree.distributed import leader_process
 from stages import MISSING_FILE, NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log as _log, runs_dir
 
 # Under torchrun every rank trains; only rank 0 speaks and writes results.
-LEADER = int(os.environ.get("RANK", "0")) == 0
+LEADER = leader_process()
 
 
 def log(msg: str) -> None:

@@ -253,11 +253,12 @@ def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
     return r_in, f_w, f_b
 
 
-def _in_weight_dtype(saved):
-    """Under autocast the forward saw bf16 activations and fp32 weights: the reward is
-    distributed in the weight's precision (no autocast runs in backward)."""
-    x, weight, bias, z = saved
-    return x.to(weight.dtype), weight, bias, z.to(weight.dtype)
+def _saved_in_weight_dtype(ctx, reward):
+    """(x, weight, bias, z, reward, x's dtype). Under autocast the forward saw bf16
+    activations and fp32 weights: the reward is distributed in the weight's precision (no
+    autocast runs in backward) and handed back in the input's."""
+    x, weight, bias, z = ctx.saved_tensors
+    return x.to(weight.dtype), weight, bias, z.to(weight.dtype), reward.to(weight.dtype), x.dtype
 
 
 class LFPLinearFunction(torch.autograd.Function):
@@ -270,9 +271,8 @@ class LFPLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z = _in_weight_dtype(ctx.saved_tensors)
-        in_dtype = ctx.saved_tensors[0].dtype
-        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward.to(weight.dtype), *ctx.cfg)
+        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
+        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg)
         return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None
 
 
@@ -286,10 +286,9 @@ class LFPConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z = _in_weight_dtype(ctx.saved_tensors)
-        in_dtype = ctx.saved_tensors[0].dtype
+        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
         ops = _ConvOps(x, ctx.conv, weight)
-        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward.to(weight.dtype), *ctx.cfg)
+        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg)
         return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None, None, None, None, None
 
 

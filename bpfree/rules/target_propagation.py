@@ -127,7 +127,6 @@ class BlockTargetRule(Rule):
         for index, block in enumerate(self._blocks):
             handles.append(block.register_forward_pre_hook(partial(self._enter_block, index), with_kwargs=True))
         handles.append(self._blocks[-1].register_forward_hook(self._leave_top_block))
-        self.last_losses: dict[str, list[torch.Tensor]] = {}
         return handles
 
     def _recording(self) -> bool:
@@ -193,8 +192,6 @@ class BlockTargetRule(Rule):
         layer_targets = self.layer_targets(recorded, gradient * batch)
         layer_losses = [0.5 * (h - t).pow(2).sum() / batch for h, t in zip(hidden, layer_targets)]
         feedback_losses = [self.feedback_loss(index, recorded) for index in range(len(self._blocks))]
-        self.last_losses = {"layer": [v.detach() for v in layer_losses],  # no device sync here
-                            "feedback": [v.detach() for v in feedback_losses]}
         return torch.stack(layer_losses).sum() + torch.stack(feedback_losses).sum()
 
     def before_step(self, layers):
