@@ -1,18 +1,37 @@
-# bpfree: reproducible environment for `dvc repro` (CPU, or GPU with the NVIDIA container
-# runtime: the pinned PyPI torch wheels ship their own CUDA runtime).
-FROM python:3.11-slim-bookworm
+# bpfree: a GPU image that reproduces the pipeline with `dvc repro`.
+#
+# Base: NVIDIA's CUDA 13 image, pinned by exact tag. It carries the driver-compatibility
+# check (NVIDIA_REQUIRE_CUDA); the CUDA 13 libraries torch uses come from the lock file's
+# pinned wheels (nvidia-*-cu13), so the image is the lock, not whatever the base ships.
+# Ubuntu 24.04's Python 3.12 installs every pin of requirements.lock.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+# Fashion-MNIST ships as a Debian/Ubuntu package; without it, only its experiments lack data.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git dataset-fashion-mnist \
+ && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates \
+ && (apt-get install -y --no-install-recommends dataset-fashion-mnist \
+     || echo "dataset-fashion-mnist unavailable: Fashion-MNIST runs will report missing data") \
  && rm -rf /var/lib/apt/lists/*
 
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /bpfree
-COPY requirements.lock pyproject.toml README.md ./
-RUN pip install --no-cache-dir -r requirements.lock
+# The lock first, so editing code does not reinstall torch.
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
 COPY . .
-RUN pip install --no-cache-dir --no-deps -e .
+RUN pip install --no-deps -e .
 
-# Mount raw data here (torchvision / GLUE layouts), or leave empty to download when online.
+# Provenance without .git: `docker build --build-arg BPFREE_GIT_COMMIT=$(git rev-parse HEAD)`
+# records the commit in every metrics.json (bpfree.provenance.git_info).
+ARG BPFREE_GIT_COMMIT=""
+ENV BPFREE_GIT_COMMIT=${BPFREE_GIT_COMMIT}
+# Raw data (torchvision / GLUE layouts) is mounted here; online, missing sets are downloaded.
 ENV BPFREE_DATA_DIR=/data
 VOLUME ["/data"]
-CMD ["dvc", "repro"]
+# `bpfree repro` is `dvc repro`, switching DVC to no-SCM mode when the copy has no .git.
+CMD ["bpfree", "repro"]

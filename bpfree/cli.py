@@ -5,6 +5,7 @@
                                                  runs through the pipeline's train stage
     bpfree claims [--profile P]                  verdict table; exit 1 on a new failure
     bpfree report                                rebuild results/tables, figures, README
+    bpfree repro [--profile P] [DVC ARGS ...]    `dvc repro`, also in a copy without .git
 
 `train` and `report` run the pipeline's own stages (`python -m stages.train`,
 `python -m stages.tables`), so they need the repository root as working directory; `list`
@@ -100,11 +101,63 @@ def cmd_train(args) -> int:
         argv += ["--rules", *args.rules]
     if args.seeds:
         argv += ["--seeds", *map(str, args.seeds)]
+    if args.resume_every is not None:
+        argv += ["--resume-every", str(args.resume_every)]
     return _stage("train", argv)
 
 
 def cmd_report(args) -> int:
     return _stage("tables", ["--results", args.results])
+
+
+def inside_git_work_tree(root: Path) -> bool:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # no git installed: nothing DVC could use either
+    return out.returncode == 0 and out.stdout.strip() == "true"
+
+
+def set_profile(params_file: Path, profile: str) -> None:
+    """Rewrite params.yaml's top-level `profile:` line (what editing it by hand does)."""
+    import re
+
+    from bpfree.config import ConfigError, load_params
+    from bpfree.provenance import atomic_write_text
+
+    known = list(load_params(params_file)["profiles"])
+    if profile not in known:
+        raise ConfigError("--profile", profile, "unknown profile", known)
+    text = params_file.read_text()
+    new, count = re.subn(r"(?m)^profile:.*$", f"profile: {profile}", text, count=1)
+    if count != 1:
+        raise ConfigError("params.yaml", "profile", "has no top-level `profile:` line to set")
+    atomic_write_text(params_file, new)
+
+
+def cmd_repro(args) -> int:
+    """`dvc repro` in the current directory; outside a git work tree (a Docker image or an
+    exported copy) DVC needs its no-SCM mode, set locally in .dvc/config.local."""
+    import subprocess
+
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        print("error: `bpfree repro` runs the pipeline: run it from the repository root "
+              "(the directory with dvc.yaml and .dvc/)", file=sys.stderr)
+        return 2
+    if args.profile:
+        from bpfree.config import ConfigError
+        try:
+            set_profile(root / "params.yaml", args.profile)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if not inside_git_work_tree(root):
+        print("no git repository here: using DVC's no-SCM mode (.dvc/config.local core.no_scm)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.no_scm", "true"], check=True)
+    return subprocess.run([sys.executable, "-m", "dvc", "repro", *args.dvc_args]).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="smoke, cpu or gpu (default: params.yaml's profile)")
     p.add_argument("--rules", nargs="*", help="only these rules")
     p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    p.add_argument("--resume-every", type=float, metavar="SECONDS",
+                   help="save each run's state after an epoch at most this often (default 30; 0: every "
+                        "epoch); a killed run continues from its last saved epoch")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("claims", help="verdicts of the committed results; exit 1 on a new failure")
     p.add_argument("--profile", help="only claims checked in this profile")
@@ -129,11 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild results/tables, results/figures and results/README.md")
     p.add_argument("--results", default="results")
     p.set_defaults(run=cmd_report)
+    p = sub.add_parser("repro", help="run the pipeline (`dvc repro`), with or without a git repository",
+                       description="Runs `dvc repro` with the given arguments. Outside a git work tree it "
+                                   "first turns on DVC's no-SCM mode. The Docker image's default command.")
+    p.add_argument("--profile", help="set params.yaml's profile (smoke, cpu or gpu) before running")
+    p.add_argument("dvc_args", nargs="*", metavar="DVC ARGS",
+                   help="anything else is passed to `dvc repro` (e.g. --dry, a stage name)")
+    p.set_defaults(run=cmd_repro)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "repro":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "repro":
+        args.dvc_args = unknown + args.dvc_args  # dvc's own options pass through
     return args.run(args)
 
 

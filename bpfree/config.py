@@ -25,7 +25,7 @@ DEVICES = ("cpu", "cuda", "auto")
 PROFILE_KEYS = (
     "epochs", "milestones", "seeds", "train_subset", "test_subset", "val_size",
     "threads", "device", "batch_size", "diagnostics_every", "log_every", "sweep_values",
-    "train_data", "skip", "model_options", "pruning", "rules", "speed",
+    "train_data", "skip", "model_options", "pruning", "rules", "speed", "deterministic",
 )
 # How a profile may run the math faster; absent = these defaults (fp32, eager, contiguous).
 SPEED_DEFAULTS = {"precision": "fp32", "compile": False, "channels_last": False}
@@ -475,6 +475,8 @@ def _validate_override(o, path) -> None:
         for key in ("compile", "channels_last"):
             if key in speed:
                 _bool(speed[key], f"{path}.speed.{key}")
+    if "deterministic" in o:
+        _bool(o["deterministic"], f"{path}.deterministic")
     if "skip" in o and not (isinstance(o["skip"], str) and o["skip"].strip()):
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
@@ -613,6 +615,8 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         exp["log_every"] = override.get("log_every", exp.get("log_every", 1))
     if override.get("speed"):
         exp["speed"] = {**SPEED_DEFAULTS, **override["speed"]}
+    if "deterministic" in override:  # absent: deterministic algorithms, warn-only (training.set_determinism)
+        exp["deterministic"] = override["deterministic"]
     if exp.get("train_data"):
         merged = {**exp["train_data"], **(override.get("train_data") or {})}
         if merged != exp["train_data"]:

@@ -90,7 +90,7 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
     """Train one (rule, seed) run through the task sequence; returns its metrics dict."""
     wall0 = time.perf_counter()
     device = torch.device(device)
-    set_determinism(run.get("threads"))
+    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
     seed = int(run["seed"])
     spec = run["continual"]
     tasks = split_mnist_tasks(seed, num_classes=int(data.num_classes), num_tasks=spec["tasks"]) \
@@ -139,5 +139,5 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
         "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
         "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
         "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},
-        "environment": environment_info(device), "git": git_info(), "config": run,
+        "environment": environment_info(device), "determinism": determinism, "git": git_info(), "config": run,
     })

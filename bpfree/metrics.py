@@ -139,6 +139,14 @@ class ConservationTracker:
         self.pairs = _neuron_pairs(handle)
         self._start = {name: self._sides(lower, upper) for name, lower, upper in self.pairs}
 
+    def state(self) -> dict:
+        """The starting values, so a resumed run keeps accumulating from its real start."""
+        return {name: list(sides) for name, sides in self._start.items()}
+
+    def load_state(self, state: dict) -> None:
+        device = self.pairs[0][1].weight.device if self.pairs else None
+        self._start = {name: tuple(t.to(device) for t in sides) for name, sides in state.items()}
+
     @staticmethod
     @torch.no_grad()
     def _sides(lower: nn.Module, upper: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,6 +236,76 @@ def plot_history(results_dir: Path, spec: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def learning_curve_files(results_dir: Path, summary: dict, profile: str, experiment: str) -> dict:
+    """sweep value (None without a sweep) -> rule -> the evaluate stage's learning-curve CSV."""
+    from bpfree.config import sweep_label
+
+    base = Path(results_dir) / profile / "learning_curves" / experiment
+    files: dict = {}
+    for key, entry in ((summary.get("experiments") or {}).get(experiment) or {}).get("rules", {}).items():
+        if "sweep_value" in entry:
+            name = f"{entry['rule']}_{sweep_label(entry['sweep_param'])}{entry['sweep_value']}"
+            at, rule = entry["sweep_value"], entry["rule"]
+        else:
+            name, at, rule = key, None, key
+        if (base / f"{name}.csv").is_file():
+            files.setdefault(at, {})[rule] = base / f"{name}.csv"
+    return files
+
+
+def _read_curve(path: Path, column: str) -> tuple[list[float], list[float], int]:
+    import csv
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get(column) not in (None, "")]
+    seeds = max((int(r["n_seeds"]) for r in rows), default=0)
+    return [float(r["epoch"]) for r in rows], [float(r[column]) for r in rows], seeds
+
+
+def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experiment: str, path: Path,
+                         column: str = "test_acc") -> Path | None:
+    """Test accuracy against epoch, mean over seeds: a panel per sweep point, a line per rule."""
+    files = learning_curve_files(results_dir, summary, profile, experiment)
+    if not files:
+        return None
+    points = sorted(files, key=lambda v: (v is not None, v))
+    cols = min(len(points), 5)
+    rows = math.ceil(len(points) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), layout="constrained",
+                             squeeze=False, sharey=True)
+    param = ((summary["experiments"][experiment].get("sweep") or {}).get("param") or "").rsplit(".", 1)[-1]
+    for index, at in enumerate(points):
+        ax = axes[index // cols][index % cols]
+        for rule, file in sorted(files[at].items()):
+            xs, ys, n = _read_curve(file, column)
+            ax.plot(xs, ys, lw=1.1, label=f"{rule} (n={n})", color=RULE_COLOURS.get(rule))
+        if at is not None:
+            ax.set_title(f"{param} = {at}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+        if index % cols == 0:
+            ax.set_ylabel("test accuracy %" if column == "test_acc" else column, fontsize=8)
+        if index == 0:
+            ax.legend(fontsize=7)
+    for index in range(len(points), rows * cols):
+        axes[index // cols][index % cols].set_visible(False)
+    fig.suptitle(f"{experiment} ({profile}): learning curves, mean over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def draw_learning_curves(results_dir: Path, summaries: dict, profile: str, experiment: str) -> tuple[Path | None, str]:
+    """figures/learning_curves_<profile>_<experiment>.png, or why it is not drawn."""
+    path = Path(results_dir) / "figures" / f"learning_curves_{profile}_{experiment}.png"
+    summary = summaries.get(profile) or {}
+    exp = (summary.get("experiments") or {}).get(experiment)
+    why = ("no summary" if not summary else "absent from the summary" if exp is None
+           else f"NOT RUN: {exp['not_run']}" if exp.get("not_run") else "")
+    drawn = None if why else plot_learning_curves(results_dir, summary, profile, experiment, path)
+    if drawn is None:
+        path.unlink(missing_ok=True)
+        return None, why or "no learning curves (task sequences log per task, or no finished run)"
+    return drawn, ""
+
+
 def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | None, str]:
     """Draw one figure spec; returns (path or None, why not drawn)."""
     path = Path(results_dir) / "figures" / f"{spec['name']}.png"

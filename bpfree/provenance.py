@@ -89,6 +89,21 @@ def git_info(cwd: str | None = None) -> dict:
     }
 
 
+# Packages whose version can change a number (kernels, tokenizer, data decoding) or the pipeline.
+RECORDED_PACKAGES = ("torch", "torchvision", "numpy", "tokenizers", "datasets", "safetensors", "dvc")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def environment_info(device=None) -> dict:
     import torch
     import torchvision
@@ -96,9 +111,14 @@ def environment_info(device=None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "packages": package_versions(),
         "platform": platform.platform(),
         "executable": sys.executable,
     }
+    if torch.version.cuda:
+        info["cuda"] = torch.version.cuda
+    if torch.backends.cudnn.is_available():
+        info["cudnn"] = torch.backends.cudnn.version()
     if device is not None:
         info["device"] = str(device)
         if getattr(device, "type", str(device)) == "cuda":

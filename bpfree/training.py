@@ -14,9 +14,10 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # cuBLAS needs this before the first CUDA call to be deterministic; harmless on CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -46,12 +47,48 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def set_determinism(threads: int | None) -> None:
-    """Same seed, same numbers: deterministic kernels, fixed thread count on CPU."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+def set_determinism(threads: int | None, deterministic: bool = True) -> dict:
+    """Same seed, same numbers: deterministic kernels, fixed thread count on CPU.
+
+    deterministic=False (the run key `deterministic: false`) trades this for speed on GPU:
+    cuDNN autotuning and atomics-based kernels. Ops with no deterministic CUDA kernel (e.g.
+    adaptive average pooling's backward) only warn, so a GPU run never stops for one; the
+    trainer records which ones ran. Returns the settings, for the run's metrics.
+    """
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
     if threads:
         torch.set_num_threads(int(threads))
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+NONDETERMINISTIC_WARNING = "does not have a deterministic implementation"
+
+
+@contextlib.contextmanager
+def recording_nondeterministic_ops(record: list[str]) -> Iterator[None]:
+    """Collect the ops torch warned have no deterministic kernel (GPU), pass other warnings on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            for w in caught:
+                text = str(w.message)
+                if NONDETERMINISTIC_WARNING in text:
+                    op = text.split(NONDETERMINISTIC_WARNING)[0].strip()
+                    if op not in record:
+                        record.append(op)
+            others = [w for w in caught if NONDETERMINISTIC_WARNING not in str(w.message)]
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def seed_everything(seed: int) -> None:
@@ -410,13 +447,96 @@ def _select(history: list[dict], selection: str) -> dict:
     }
 
 
+class ResumeState:
+    """The state of a run after its last finished epoch, in one atomically written file.
+
+    Why all of it: a run killed mid-epoch and restarted from here must end with exactly the
+    numbers of an uninterrupted run, so everything the remaining epochs read is saved, the
+    random streams included (batch order, augmentation, dropout, the rule's own draws).
+    A file written for another config, data or code is ignored, never continued.
+    Loading uses weights_only=True: tensors and plain containers only, no code runs.
+    """
+
+    def __init__(self, path, fingerprint: str, every_s: float = 0.0):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.every_s = float(every_s)
+        self._last = time.perf_counter()
+
+    def load(self) -> tuple[dict | None, str | None]:
+        """(state, None), or (None, why the file was not continued); (None, None) if absent."""
+        if not self.path.is_file():
+            return None, None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - an unreadable file costs only the epochs it held
+            return None, f"unreadable ({type(error).__name__}), starting afresh"
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return None, "written for another config, data or code, starting afresh"
+        return state, None
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last >= self.every_s
+
+    def save(self, state: dict) -> None:
+        from bpfree.provenance import atomic_torch_save
+        atomic_torch_save(self.path, {"fingerprint": self.fingerprint, **state})
+        self._last = time.perf_counter()
+
+
+def run_fingerprint(run: dict, manifest: dict) -> str:
+    """Config, data and code of a run: what a resume file must match to be continued."""
+    import hashlib
+    import json
+    blob = json.dumps([run, data_hash(manifest), code_hash()], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_model_state(model: nn.Module, state: dict, device: torch.device) -> None:
+    """load_state_dict, creating first the buffers a rule makes on its first forward (DFA's B)."""
+    for key in state.keys() - model.state_dict().keys():
+        owner, _, name = key.rpartition(".")
+        model.get_submodule(owner).register_buffer(name, state[key].to(device))
+    model.load_state_dict(state)
+
+
+def _rng_snapshot(device: torch.device, generators: dict[str, torch.Generator | None]) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    states.update({name: g.get_state() for name, g in generators.items() if g is not None})
+    return states
+
+
+def _rng_restore(device: torch.device, generators: dict[str, torch.Generator | None], states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    for name, g in generators.items():
+        if g is not None:
+            g.set_state(states[name])
+
+
 def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
+              resume_path: str | os.PathLike | None = None, resume_every_s: float = 0.0,
+              log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """Train one (experiment, rule, seed) run and return its metrics dict.
 
     A non-finite training loss ends the run with status DIVERGED instead of raising, so the
-    rest of the pipeline (other rules, other seeds, tables) still runs.
+    rest of the pipeline (other rules, other seeds, tables) still runs. With `resume_path`,
+    the state after each epoch (at most every `resume_every_s` seconds) is saved there and
+    a matching file is continued (ResumeState); the caller deletes it once the metrics are
+    safe. `progress` shows an epoch bar (bpfree.progress decides whether it is visible).
     """
+    nondeterministic_ops: list[str] = []
+    with recording_nondeterministic_ops(nondeterministic_ops):
+        metrics = _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress)
+    metrics["determinism"]["nondeterministic_ops"] = nondeterministic_ops
+    return metrics
+
+
+def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
+    from bpfree.progress import epoch_bar
     from bpfree.provenance import atomic_torch_save
 
     wall0 = time.perf_counter()
@@ -424,7 +544,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     ranks = distributed.from_environment()  # torchrun: this process is one data-parallel rank
     if ranks is not None and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
-    set_determinism(run.get("threads"))
+    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
     seed = int(run["seed"])
     images = device_splits(data, run, device)
 
@@ -472,16 +592,53 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             report["conservation"] = tracker.report()
         diagnostics.append({"epoch": epoch, **report})
 
-    if diag_every:
-        diagnose(0)
-
     epochs = int(run["epochs"])
     log_every = int(run.get("log_every", 1))
     timer = StepTimer(device)
     history: list[dict] = []
     status, diverged_epoch = STATUS_OK, None
+    generators = {"order": order_gen, "augment": augment_gen}
+    manifest = getattr(data, "manifest", {}) or {}
+    resume = ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s) if resume_path else None
+    saved, ignored = resume.load() if resume is not None else (None, None)
+    if ignored and log:
+        log(f"  resume file {resume_path}: {ignored}")
+    first_epoch, resumed_at, elapsed_before = 1, [], 0.0
+    if saved is not None:
+        _load_model_state(model, saved["model"], device)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        handle.rule.load_resume_state(saved["rule"])
+        if tracker is not None:
+            tracker.load_state(saved["conservation"])
+        _rng_restore(device, generators, saved["rng"])
+        history, diagnostics, timer.samples = saved["history"], saved["diagnostics"], saved["step_ms"]
+        resumed_at, elapsed_before = saved["resumed_at"] + [saved["epoch"]], saved["elapsed_s"]
+        first_epoch = saved["epoch"] + 1
+        if log:
+            log(f"  resumed after epoch {saved['epoch']} from {resume_path}")
+    elif diag_every:
+        diagnose(0)
+
+    def save_resume_state(epoch: int) -> None:
+        if resume is None or epoch == epochs or not resume.due() or (ranks is not None and not ranks.leader):
+            return
+        timer.flush()
+        resume.save({
+            "epoch": epoch, "resumed_at": resumed_at,
+            "elapsed_s": elapsed_before + time.perf_counter() - wall0,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rule": handle.rule.resume_state(),
+            "conservation": tracker.state() if tracker is not None else None,
+            "rng": _rng_snapshot(device, generators),
+            "history": history, "diagnostics": diagnostics, "step_ms": timer.samples,
+        })
+
+    bar = epoch_bar(epochs, run.get("run_id", run["rule"]["name"]), enabled=progress, initial=first_epoch - 1)
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         perm = None if full_batch else torch.randperm(n, generator=order_gen).to(device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -526,7 +683,9 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             scheduler.step()
         if diag_now:
             diagnose(epoch, step_angles)
+        bar.update(1)
         if epoch % log_every and epoch != epochs:
+            save_resume_state(epoch)
             continue
         val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val)
         test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test)
@@ -540,10 +699,15 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
             "test_loss": test_loss,
         }
         history.append(record)
+        bar.set_postfix(loss=f"{train_loss:.4f}", train=f"{record['train_acc']:.1f}%",
+                        test=f"{record['test_acc']:.1f}%", refresh=False)
         if log and (log_every == 1 or epoch % (50 * log_every) == 0 or epoch == epochs):
-            log(f"  epoch {epoch}: loss {train_loss:.4f} train {record['train_acc']:.2f}% "
+            log(
+                f"  epoch {epoch}: loss {train_loss:.4f} train {record['train_acc']:.2f}% "
                 f"val {record['val_acc'] if record['val_acc'] is not None else '-'} "
                 f"test {record['test_acc']:.2f}%")
+        save_resume_state(epoch)
+    bar.close()
 
     step_ms = timer.mean_ms()
     checkpoint = None
@@ -556,7 +720,6 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
         checkpoint = str(checkpoint_path)
     counts = dict(handle.counts)
     handle.remove()
-    manifest = getattr(data, "manifest", {}) or {}
     selected = _select(history, run["selection"])
     curves = None
     if log_every > 1:
@@ -574,7 +737,9 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
         "epochs_completed": len(history),
         "sizes": {"train": n, "val": len(images.y_val), "test": len(images.y_test)},
         "mean_step_ms": step_ms,
-        "wall_time_s": time.perf_counter() - wall0,
+        "wall_time_s": elapsed_before + time.perf_counter() - wall0,
+        "resumed_after_epochs": resumed_at,
+        "determinism": determinism,
         "converted_layers": counts,
         "diagnostics": diagnostics,
         "checkpoint": checkpoint,

@@ -77,7 +77,7 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
     """Pre-train with `source_rule` (or load published weights), swap the head, fine-tune."""
     wall0 = time.perf_counter()
     device = torch.device(device)
-    set_determinism(run.get("threads"))
+    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
     seed = int(run["seed"])
     spec = run["transfer"]
     classes = {"target": target_classes(spec, int(data.num_classes))}
@@ -140,5 +140,5 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
         "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
         "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
         "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},
-        "environment": environment_info(device), "git": git_info(), "config": run,
+        "environment": environment_info(device), "determinism": determinism, "git": git_info(), "config": run,
     })

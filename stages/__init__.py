@@ -26,12 +26,19 @@ def summary_path(profile: str) -> Path:
     return RESULTS / profile / "summary.json"
 
 
+def learning_curves_dir(profile: str) -> Path:
+    """results/<profile>/learning_curves/<experiment>/<rule>[_<sweep point>].csv (DVC plots)."""
+    return RESULTS / profile / "learning_curves"
+
+
 NOT_RUN_FILE = "NOT_RUN.json"  # in a runs dir: this profile did not (could not) run it
 MISSING_FILE = "MISSING.json"  # in a prepared-data dir: the raw files were not available
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    from tqdm import tqdm
+    tqdm.write(msg)  # a plain print when no progress bar is showing, above the bars otherwise
+    sys.stdout.flush()
 
 
 def entry(main: Callable[[list[str]], int | None]) -> None:

@@ -12,7 +12,8 @@ import statistics
 
 import torch
 
-from stages import NOT_RUN_FILE, PREPARED, RESULTS, checkpoints_dir, entry, log, runs_dir, summary_path
+from stages import (NOT_RUN_FILE, PREPARED, RESULTS, checkpoints_dir, entry, learning_curves_dir, log, runs_dir,
+                    summary_path)
 
 RECHECK_TOLERANCE = 1e-6  # percent points; same kernels and batch size => identical counts
 
@@ -53,6 +54,73 @@ def run_scalars(metrics: dict) -> dict[str, float]:
                 out[f"{prefix}conservation_deviation/{layer}"] = c["mean_abs_deviation"]
             out[f"{prefix}conservation_excluded/{layer}"] = c.get("excluded")
     return out
+
+
+def run_provenance(metrics: dict) -> tuple[str, str]:
+    """(device, commit) of a run as the front page shows them: "cuda: NVIDIA H100", "0e0d5c6+dirty"."""
+    env = metrics.get("environment") or {}
+    device = env.get("device", "?").split(":")[0]
+    name = env.get("device_name")
+    git = metrics.get("git") or {}
+    commit = (git.get("commit") or "unknown")[:7]
+    return (f"{device}: {name}" if name else device), commit + ("+dirty" if git.get("dirty") else "")
+
+
+CURVE_COLUMNS = ("train_loss", "train_acc", "val_acc", "test_acc", "test_loss")
+
+
+def logged_epochs(metrics: dict) -> list[dict]:
+    """Every logged epoch's numbers, from the full history or from a long run's compact curves."""
+    curves = metrics.get("curves")
+    if curves:
+        return [{"epoch": e, **{c: curves[c][i] for c in CURVE_COLUMNS if c in curves}}
+                for i, e in enumerate(curves["epoch"])]
+    return metrics.get("history") or []
+
+
+def mean_learning_curve(runs: list[dict]) -> list[dict]:
+    """Per logged epoch, the mean over the seeds that logged it (n_seeds says how many)."""
+    by_epoch: dict[int, dict[str, list[float]]] = {}
+    for metrics in runs:
+        for row in logged_epochs(metrics):
+            cell = by_epoch.setdefault(row["epoch"], {"n": []})
+            cell["n"].append(1)
+            for column in CURVE_COLUMNS:
+                if row.get(column) is not None:
+                    cell.setdefault(column, []).append(row[column])
+    return [{"epoch": epoch, **{c: round(statistics.fmean(v), 6) for c, v in cell.items() if c != "n"},
+             "n_seeds": len(cell["n"])} for epoch, cell in sorted(by_epoch.items())]
+
+
+def write_learning_curves(curves: dict[str, dict[str, list[dict]]], out_dir) -> int:
+    """One CSV per (experiment, rule[, sweep point]), the DVC plots of learning curves.
+
+    Rewritten whole each time, so a curve of runs that no longer exist does not linger.
+    """
+    import csv
+    import io
+    import shutil
+    from pathlib import Path
+
+    from bpfree.provenance import atomic_write_text
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    written = 0
+    for exp_id, groups in curves.items():
+        for group, rows in groups.items():
+            if not rows:
+                continue
+            columns = ["epoch", *[c for c in CURVE_COLUMNS if any(c in r for r in rows)], "n_seeds"]
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(out_dir / exp_id / f"{group}.csv", buffer.getvalue())
+            written += 1
+    out_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+    return written
 
 
 TEST_DRAW = "randperm(seed 0)[:test_images], sorted"  # which test images the curves use
@@ -188,6 +256,7 @@ def summarise(params: dict, profile: str) -> dict:
     from bpfree.config import sweep_label
 
     summary = {"profile": profile, "experiments": {}, "mismatches": []}
+    finished: dict[str, dict[str, list[dict]]] = {}  # experiment -> curve group -> OK runs
     previous = (_read(summary_path(profile)) or {}).get("experiments", {})
     data_cache: dict = {}
     for exp_id in params["experiments"]:
@@ -216,6 +285,7 @@ def summarise(params: dict, profile: str) -> dict:
                                             "final_test_acc": {}, "best_test_acc_test_selected": {},
                                             "selected_epoch": {}, "mean_step_ms": {},
                                             "checkpoint_check": {}, "code_hash": {},
+                                            "device": {}, "commit": {},
                                             "lr": run["optimizer"]["lr"], "scalars": {}})
             if run.get("sweep"):
                 entry_.update(rule=rule, sweep_param=run["sweep"]["param"], sweep_value=run["sweep"]["value"])
@@ -230,10 +300,15 @@ def summarise(params: dict, profile: str) -> dict:
                 entry_["status"][seed] = "STALE"  # produced by another config: never mixed in
                 continue
             entry_["status"][seed] = metrics["status"]
+            if metrics["status"] == "OK" and not (run.get("continual") or run.get("transfer")):
+                # (task sequences log per task; their figures are the task matrices)
+                group = run["run_id"].rsplit("_seed", 1)[0]
+                finished.setdefault(exp_id, {}).setdefault(group, []).append(metrics)
             variants.add(metrics["data"].get("variant"))
             for field in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected",
                           "selected_epoch", "mean_step_ms", "code_hash"):
                 entry_[field][seed] = metrics.get(field)
+            entry_["device"][seed], entry_["commit"][seed] = run_provenance(metrics)
             scalars = run_scalars(metrics)
             if exp.get("pruning"):
                 pruned = pruning_evaluation(metrics, run, data_cache, exp["pruning"])
@@ -268,6 +343,8 @@ def summarise(params: dict, profile: str) -> dict:
             "sweep": exp.get("sweep"),
             "rules": rules,
         }
+    summary["learning_curves"] = {exp_id: {group: mean_learning_curve(runs) for group, runs in groups.items()}
+                                  for exp_id, groups in finished.items()}
     return summary
 
 
@@ -282,10 +359,12 @@ def main(argv: list[str]) -> int:
     profile = args.profile or params["profile"]
     (RESULTS / profile / "pruning").mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
     summary = summarise(params, profile)
+    n_curves = write_learning_curves(summary.pop("learning_curves"), learning_curves_dir(profile))
     atomic_write_json(summary_path(profile), summary)
     n_runs = sum(len(r["status"]) for e in summary["experiments"].values() for r in e["rules"].values())
     log(f"[{profile}] summarised {n_runs} runs -> {summary_path(profile)}; "
-        f"{len(summary['mismatches'])} checkpoint mismatches")
+        f"{len(summary['mismatches'])} checkpoint mismatches; {n_curves} learning curves -> "
+        f"{learning_curves_dir(profile)}")
     for m in summary["mismatches"]:
         log(f"  MISMATCH {m}")
     return 0

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from bpfree.distributed import leader_process
+from bpfree.progress import run_bar
 from stages import MISSING_FILE, NOT_RUN_FILE, PREPARED, checkpoints_dir, entry, log as _log, runs_dir
 
 # Under torchrun every rank trains; only rank 0 speaks and writes results.
@@ -19,6 +20,11 @@ LEADER = leader_process()
 def log(msg: str) -> None:
     if LEADER:
         _log(msg)
+
+
+def resume_path(ckpt_dir, run: dict):
+    """Where a run's per-epoch state lives until its metrics.json is written."""
+    return ckpt_dir / f"{run['run_id']}.resume.pt"
 
 
 def existing_hashes(path) -> tuple[str | None, str | None]:
@@ -36,6 +42,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", default=None, help="default: params.yaml's profile")
     parser.add_argument("--rules", nargs="*", help="only these rules (to shard runs over processes)")
     parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    parser.add_argument("--resume-every", type=float, default=30.0, metavar="SECONDS",
+                        help="save a run's state after an epoch once this long has passed since the "
+                             "last save (0: after every epoch); a killed run continues from it")
     parser.add_argument("--keep-finished", action="store_true",
                         help="reuse a finished run whose config hash matches even if the code hash "
                              "changed (its metrics keep their own commit and code hash); for "
@@ -101,7 +110,9 @@ def main(argv: list[str]) -> int:
     data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
     dhash, chash_code = data_hash(data.manifest), code_hash()
     log(f"[{profile}] {args.experiment}: {len(runs)} runs on {device}")
+    bar = run_bar(len(runs), args.experiment, enabled=LEADER)
     for run in runs:
+        bar.update(1)
         chash = config_hash(run, dhash)
         metrics_path = out_dir / run["run_id"] / "metrics.json"
         old_config, old_code = existing_hashes(metrics_path)
@@ -119,13 +130,17 @@ def main(argv: list[str]) -> int:
         elif run.get("transfer"):
             metrics = train_transfer(run, data, device, log=log)
         else:
-            metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt", log=log)
+            metrics = train_run(run, data, device, checkpoint_path=ckpt_dir / f"{run['run_id']}.pt",
+                                resume_path=resume_path(ckpt_dir, run), resume_every_s=args.resume_every,
+                                log=log, progress=LEADER)
         metrics.update(config_hash=chash, code_hash=chash_code, profile=profile, experiment=args.experiment, run_id=run["run_id"])
         if not LEADER:
             continue
         atomic_write_json(metrics_path, metrics, compact=metrics.get("curves") is not None)
+        resume_path(ckpt_dir, run).unlink(missing_ok=True)  # only once the metrics are safe
         log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "
             f"{metrics['wall_time_s']:.1f}s")
+    bar.close()
     return 0
 
 

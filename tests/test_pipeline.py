@@ -95,6 +95,15 @@ def test_smoke_pipeline_reproduces_committed_metrics(tmp_path):
     summary = json.loads((work / "results" / "smoke" / "summary.json").read_text())
     assert summary["experiments"]["B5_cifar100_lenet_k"]["not_run"].startswith("gpu profile only")
 
+    # The learning curves are DVC plots: `dvc plots show` renders every one without an error.
+    curves = sorted((work / "results" / "smoke" / "learning_curves").glob("*/*.csv"))
+    assert work / "results" / "smoke" / "learning_curves" / "A2_mnist_mlp" / "bp.csv" in curves
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors") and len(shown["data"]) == len(curves)
+
 
 def test_missing_optional_data_is_recorded_and_its_experiment_not_run(tmp_path):
     """An optional dataset without files: prepare records why, train writes NOT RUN, exit 0."""
@@ -128,3 +137,31 @@ def test_stage_reports_missing_data_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
     assert str(tmp_path / "nothing-here") in proc.stderr
     assert not (tmp_path / "data" / "prepared" / "mnist" / "manifest.json").exists()
+
+
+def test_learning_curves_average_seeds_and_read_compact_curves(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from stages.evaluate import mean_learning_curve, write_learning_curves
+    full = {"history": [{"epoch": 1, "train_loss": 2.0, "test_acc": 50.0},
+                        {"epoch": 2, "train_loss": 1.0, "test_acc": 70.0}]}
+    compact = {"history": [{"epoch": 2}], "curves": {"epoch": [1, 2], "train_loss": [4.0, 3.0],
+                                                      "test_acc": [60.0, 80.0]}}
+    rows = mean_learning_curve([full, compact])
+    assert rows == [{"epoch": 1, "train_loss": 3.0, "test_acc": 55.0, "n_seeds": 2},
+                    {"epoch": 2, "train_loss": 2.0, "test_acc": 75.0, "n_seeds": 2}]
+    out = tmp_path / "learning_curves"
+    (out / "stale").mkdir(parents=True)
+    (out / "stale" / "gone.csv").write_text("epoch,test_acc\n")
+    assert write_learning_curves({"A2": {"bp": rows}}, out) == 1
+    assert (out / "A2" / "bp.csv").read_text().splitlines() == [
+        "epoch,train_loss,test_acc,n_seeds", "1,3.0,55.0,2", "2,2.0,75.0,2"]
+    assert not (out / "stale").exists()  # curves of runs that no longer exist do not linger
+
+
+def test_dvc_plots_definition_points_at_the_learning_curves():
+    import yaml
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
+    (plot,) = stage["plots"]
+    assert plot == {"results/${profile}/learning_curves": {
+        "cache": False, "x": "epoch", "y": "test_acc", "x_label": "epoch",
+        "y_label": "test accuracy % (mean over seeds)"}}

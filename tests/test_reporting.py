@@ -179,15 +179,30 @@ def test_write_reports(registry, tmp_path):
     (results / "cpu").mkdir(parents=True)
     rules = copy.deepcopy(GOOD)
     rules["fa"] = rule_entry({"1": 93.0, "2": 93.4})
+    for e in rules.values():
+        e["device"] = {"1": "cpu: AMD EPYC", "2": "cpu: AMD EPYC"}
+        e["commit"] = {"1": "0e0d5c6", "2": "5a361fb+dirty"}
     (results / "cpu" / "summary.json").write_text(json.dumps(summary(rules)))
+    curves = results / "cpu" / "learning_curves" / "E1"
+    curves.mkdir(parents=True)
+    (curves / "bp.csv").write_text("epoch,test_acc,n_seeds\n1,90.0,2\n2,97.0,2\n")
     written = write_reports(results, path)
-    assert sorted(p.relative_to(results).as_posix() for p in written) == ["README.md", "tables/toy_paper.md"]
+    assert sorted(p.relative_to(results).as_posix() for p in written) == [
+        "README.md", "figures/learning_curves_cpu_E1.png", "tables/toy_paper.md"]
     paper = (results / "tables" / "toy_paper.md").read_text()
     assert "### T-abs: FAIL" in paper and "### T-rel: PASS" in paper and "### T-gpu: NOT RUN" in paper
     assert "protocol shortened in this profile: YES" in paper
     readme = (results / "README.md").read_text()
-    assert "| [Toy paper](tables/toy_paper.md) | 3        | 1      | 1      | 0          | 1" in readme
-    assert "Profiles with a summary: cpu" in readme
+    assert "| [Toy paper](#toy-paper) | 3        | 1      | 1      | 0          | 1" in readme
+    assert "[table](tables/toy_paper.md)" in readme and "Profiles with a summary: cpu" in readme
+    # The front page's paper section: its verdicts, figures (learning curves) and provenance.
+    section = readme.split("## Toy paper", 1)[1].split("## Runs per profile", 1)[0]
+    assert "| T-abs   | cpu       | FAIL" in section
+    assert "![learning_curves_cpu_E1](figures/learning_curves_cpu_E1.png)" in section
+    assert "`learning_curves_gpu_E1`: not drawn (no summary)" in section
+    provenance = section.split("### Provenance", 1)[1]
+    assert "| cpu       | E1           | bp, fa, usf | 1, 2    | cpu: AMD EPYC | official" in provenance
+    assert "0e0d5c6, 5a361fb+dirty" in provenance and "epochs 20 (protocol 100)" in provenance
 
 
 @pytest.mark.parametrize("field,value,msg", [

@@ -101,7 +101,8 @@ def test_checkpoint_reproduces_final_accuracy(mnist, tmp_path):
 def test_provenance_recorded(mnist):
     m = train_run(mlp_run(epochs=1), mnist, "cpu")
     assert m["data"]["variant"] == "official" and len(m["data"]["hash"]) == 16
-    assert {"python", "torch", "torchvision", "device", "device_name"} <= set(m["environment"])
+    assert {"python", "torch", "torchvision", "device", "device_name", "packages"} <= set(m["environment"])
+    assert m["environment"]["packages"]["numpy"] and m["environment"]["packages"]["tokenizers"]
     assert set(m["git"]) == {"commit", "dirty"}
     assert m["config"]["seed"] == 0 and m["mean_step_ms"] > 0
 

@@ -175,6 +175,16 @@ class Rule:
     def set_private_rng_states(self, states: dict) -> None:
         pass
 
+    def resume_state(self) -> dict:
+        """What a resumed run needs besides the layers' buffers and parameters (which the
+        model's state_dict holds): the count of seeded draws and the private generators."""
+        return {"draws": self._draws,
+                "rng": {str(device): state for device, state in self.private_rng_states().items()}}
+
+    def load_resume_state(self, state: dict) -> None:
+        self._draws = int(state["draws"])
+        self.set_private_rng_states({torch.device(d): s for d, s in state["rng"].items()})
+
 
 def _base_type_name(layer: nn.Module) -> str:
     return next(t.__name__ for t in SUPPORTED_LAYERS if isinstance(layer, t))

@@ -184,15 +184,18 @@ class BatchRandomSignFeedback(RandomMagnitudeSignFeedback):
             if device not in states:
                 del self._redraw_generators[device]
         for device, state in states.items():
-            self._redraw_generators[device].set_state(state)
+            self._redraw_generator(device).set_state(state)
 
-    def prepare_batch(self, layer):
-        device = layer.weight.device
+    def _redraw_generator(self, device) -> torch.Generator:
         gen = self._redraw_generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
             gen.manual_seed(self._redraw_seed)
             self._redraw_generators[device] = gen
+        return gen
+
+    def prepare_batch(self, layer):
+        gen = self._redraw_generator(layer.weight.device)
         with torch.no_grad():
             fresh = draw_like_weight(layer.weight, self.options["init"], gen).abs_()
             layer.feedback_magnitude.copy_(fresh)
