@@ -111,13 +111,8 @@ def cmd_report(args) -> int:
 
 
 def inside_git_work_tree(root: Path) -> bool:
-    import subprocess
-    try:
-        out = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False  # no git installed: nothing DVC could use either
-    return out.returncode == 0 and out.stdout.strip() == "true"
+    from bpfree.provenance import _git
+    return _git("rev-parse", "--is-inside-work-tree", cwd=root) == "true"  # None: no git, or no repo
 
 
 def set_profile(params_file: Path, profile: str) -> None:

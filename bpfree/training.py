@@ -485,11 +485,10 @@ class ResumeState:
 
 
 def run_fingerprint(run: dict, manifest: dict) -> str:
-    """Config, data and code of a run: what a resume file must match to be continued."""
-    import hashlib
-    import json
-    blob = json.dumps([run, data_hash(manifest), code_hash()], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Config, data and code of a run: what a resume file must match to be continued (the
+    same two hashes that decide whether a finished run's metrics.json is reused)."""
+    from bpfree.config import config_hash
+    return f"{config_hash(run, data_hash(manifest))}-{code_hash()}"
 
 
 def _load_model_state(model: nn.Module, state: dict, device: torch.device) -> None:
