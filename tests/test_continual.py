@@ -65,8 +65,8 @@ def test_random_crop_and_flip_are_seeded_shifts():
 
 def test_step_schedule_divides_every_step_size_epochs():
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"name": "sgd", "lr": 1.0})
-    opt.step()  # (the order torch expects: an optimiser step before a scheduler step)
     sched = build_scheduler(opt, {"name": "step", "step_size": 13, "gamma": 0.1})
+    opt.step()  # torch expects an optimiser step (after the scheduler wraps it) before sched.step()
     lrs = []
     for _ in range(26):
         lrs.append(opt.param_groups[0]["lr"])
