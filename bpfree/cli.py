@@ -111,8 +111,8 @@ def cmd_report(args) -> int:
 
 
 def inside_git_work_tree(root: Path) -> bool:
-    from bpfree.provenance import _git
-    return _git("rev-parse", "--is-inside-work-tree", cwd=root) == "true"  # None: no git, or no repo
+    from bpfree.provenance import git_output
+    return git_output("rev-parse", "--is-inside-work-tree", cwd=root) == "true"  # None: no git, or no repo
 
 
 def set_profile(params_file: Path, profile: str) -> None:

@@ -61,7 +61,9 @@ def read_json(path) -> Any:
         return json.load(fh)
 
 
-def _git(*args: str, cwd=None) -> str | None:
+def git_output(*args: str, cwd=None) -> str | None:
+    """Stripped stdout of a git command; None where git is absent or the command fails
+    (outside a repository), which callers read as "unknown" rather than an error."""
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -75,14 +77,14 @@ CODE_PATHS = ("bpfree", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "
 @functools.lru_cache(maxsize=None)
 def git_info(cwd: str | None = None) -> dict:
     """Commit and dirty flag; 'unknown' outside a repository or before the first commit."""
-    commit = _git("rev-parse", "HEAD", cwd=cwd)
+    commit = git_output("rev-parse", "HEAD", cwd=cwd)
     if commit is None and os.environ.get("BPFREE_GIT_COMMIT"):
         # A copy of the tree without .git (e.g. shipped to a GPU machine): the sender names
         # the commit it shipped; the run's code_hash vouches for the content.
         return {"commit": os.environ["BPFREE_GIT_COMMIT"], "dirty": None, "source": "BPFREE_GIT_COMMIT"}
     # Untracked code counts: new, uncommitted code is exactly what a commit hash cannot vouch
     # for. Results written while a profile runs are not code and do not make the tree dirty.
-    status = _git("status", "--porcelain", "--", *CODE_PATHS, cwd=cwd)
+    status = git_output("status", "--porcelain", "--", *CODE_PATHS, cwd=cwd)
     return {
         "commit": commit or "unknown",
         "dirty": None if commit is None or status is None else bool(status),
