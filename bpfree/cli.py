@@ -3,9 +3,13 @@
     bpfree list [rules|models|datasets|claims]   what can be run and checked, with provenance
     bpfree train EXPERIMENT [--profile P] [--rules R ...] [--seeds S ...]
                                                  runs through the pipeline's train stage
+    bpfree verify [--profile P] [--experiment E ...]
+                                                 re-train committed runs in a scratch directory and
+                                                 compare them; exit 1 on a difference
     bpfree claims [--profile P]                  verdict table; exit 1 on a new failure
     bpfree report                                rebuild results/tables, figures, README
-    bpfree repro [--profile P] [DVC ARGS ...]    `dvc repro`, also in a copy without .git
+    bpfree repro [--profile P] [DVC ARGS ...]    `dvc repro` of the profile's pipeline file (add --dry
+                                                 to preview), also in a copy without .git
 
 `train` and `report` run the pipeline's own stages (`python -m stages.train`,
 `python -m stages.tables`), so they need the repository root as working directory; `list`
@@ -103,7 +107,82 @@ def cmd_train(args) -> int:
         argv += ["--seeds", *map(str, args.seeds)]
     if args.resume_every is not None:
         argv += ["--resume-every", str(args.resume_every)]
+    argv += ["--force"] * args.force + ["--reuse"] * args.reuse
     return _stage("train", argv)
+
+
+def cmd_verify(args) -> int:
+    """Re-train committed runs into a scratch directory and compare them by bpfree.verify."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+
+    if not Path("stages", "train.py").is_file() or not Path("params.yaml").is_file():
+        print("error: `bpfree verify` re-trains through the pipeline's stages: run it from the "
+              "repository root", file=sys.stderr)
+        return 2
+    from bpfree.config import DEFAULT_PROFILE, ConfigError, load_params, resolve_experiment
+    from bpfree.verify import compare_runs
+    params = load_params()
+    profile = args.profile or DEFAULT_PROFILE
+    if profile not in params["profiles"]:
+        raise ConfigError("--profile", profile, "unknown profile", list(params["profiles"]))
+    experiments = args.experiment or list(params["experiments"])
+    for exp_id in experiments:
+        if exp_id not in params["experiments"]:
+            raise ConfigError("--experiment", exp_id, "unknown experiment", list(params["experiments"]))
+    committed_root = Path(args.results) / profile / "runs"
+    todo = [e for e in experiments if not resolve_experiment(params, e, profile).get("skip")]
+    if not any((committed_root / e).glob("*/metrics.json") for e in todo):
+        print(f"error: no committed metrics under {committed_root} for {', '.join(experiments)}: "
+              f"nothing to verify (run `dvc repro` or `bpfree train` first)", file=sys.stderr)
+        return 2
+    _prepare_missing({resolve_experiment(params, e, profile)["dataset"] for e in todo})
+    scratch = Path(tempfile.mkdtemp(prefix="bpfree-verify-"))
+    reproduced = differ = 0
+    for exp_id in todo:
+        committed = {p.parent.name: p for p in sorted((committed_root / exp_id).glob("*/metrics.json"))}
+        if not committed:
+            continue
+        argv = [exp_id, "--profile", profile, "--force", "--results", str(scratch / "results"),
+                "--checkpoints", str(scratch / "checkpoints")]
+        if args.rules:
+            argv += ["--rules", *[r for r in args.rules]]
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            code = _stage("train", argv)
+        if code:
+            print(captured.getvalue()[-2000:], end="")
+            return code
+        for run_id, path in committed.items():
+            if args.rules and not any(run_id.startswith(f"{r}_") for r in args.rules):
+                continue
+            new = scratch / "results" / profile / "runs" / exp_id / run_id / "metrics.json"
+            if not new.is_file():
+                print(f"{exp_id}/{run_id}: differs: the current params no longer define this run")
+                differ += 1
+                continue
+            differences = compare_runs(json.loads(path.read_text()), json.loads(new.read_text()))
+            if differences:
+                differ += 1
+                more = f" (+{len(differences) - 3} more)" if len(differences) > 3 else ""
+                print(f"{exp_id}/{run_id}: differs: " + "; ".join(map(str, differences[:3])) + more)
+            else:
+                reproduced += 1
+                print(f"{exp_id}/{run_id}: reproduced")
+    print(f"{reproduced} reproduced, {differ} differ ({profile} profile; rule: bpfree/verify.py; "
+          f"re-trained into {scratch})")
+    return 1 if differ else 0
+
+
+def _prepare_missing(datasets: set[str]) -> None:
+    """A fresh clone has no data/prepared/: prepare what the runs to verify need."""
+    for dataset in sorted(datasets):
+        if not Path("data", "prepared", dataset, "manifest.json").is_file():
+            code = _stage("prepare", [dataset])
+            if code:
+                raise SystemExit(code)
 
 
 def cmd_report(args) -> int:
@@ -115,26 +194,22 @@ def inside_git_work_tree(root: Path) -> bool:
     return git_output("rev-parse", "--is-inside-work-tree", cwd=root) == "true"  # None: no git, or no repo
 
 
-def set_profile(params_file: Path, profile: str) -> None:
-    """Rewrite params.yaml's top-level `profile:` line (what editing it by hand does)."""
-    import re
-
-    from bpfree.config import ConfigError, load_params
-    from bpfree.provenance import atomic_write_text
-
-    known = list(load_params(params_file)["profiles"])
-    if profile not in known:
-        raise ConfigError("--profile", profile, "unknown profile", known)
-    text = params_file.read_text()
-    new, count = re.subn(r"(?m)^profile:.*$", f"profile: {profile}", text, count=1)
-    if count != 1:
-        raise ConfigError("params.yaml", "profile", "has no top-level `profile:` line to set")
-    atomic_write_text(params_file, new)
+def pipeline_file(profile: str | None) -> str:
+    """dvc.yaml runs the default profile; pipelines/<profile>/dvc.yaml each other one."""
+    from bpfree.config import DEFAULT_PROFILE, ConfigError
+    if profile in (None, DEFAULT_PROFILE):
+        return "dvc.yaml"
+    path = Path("pipelines", profile, "dvc.yaml")
+    if not path.is_file():
+        known = [DEFAULT_PROFILE] + sorted(p.parent.name for p in Path("pipelines").glob("*/dvc.yaml"))
+        raise ConfigError("--profile", profile, "unknown profile (no pipelines/<profile>/dvc.yaml)", known)
+    return path.as_posix()
 
 
 def cmd_repro(args) -> int:
-    """`dvc repro` in the current directory; outside a git work tree (a Docker image or an
-    exported copy) DVC needs its no-SCM mode, set locally in .dvc/config.local."""
+    """`dvc repro` of the profile's pipeline file, then the tables (which read every profile's
+    results). No tracked file is edited. Outside a git work tree (a Docker image or an exported
+    copy) DVC needs its no-SCM mode, set locally in .dvc/config.local."""
     import subprocess
 
     root = Path.cwd()
@@ -142,24 +217,23 @@ def cmd_repro(args) -> int:
         print("error: `bpfree repro` runs the pipeline: run it from the repository root "
               "(the directory with dvc.yaml and .dvc/)", file=sys.stderr)
         return 2
-    if args.profile:
-        from bpfree.config import ConfigError
-        try:
-            set_profile(root / "params.yaml", args.profile)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    target = pipeline_file(args.profile)
     if not inside_git_work_tree(root):
         print("no git repository here: using DVC's no-SCM mode (.dvc/config.local core.no_scm)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.no_scm", "true"], check=True)
-    return subprocess.run([sys.executable, "-m", "dvc", "repro", *args.dvc_args]).returncode
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    targets = [] if any(not a.startswith("-") for a in args.dvc_args) else [target]  # the user's own
+    code = subprocess.run(dvc + [*args.dvc_args, *targets]).returncode
+    if code or target == "dvc.yaml" or "--dry" in args.dvc_args:
+        return code
+    return subprocess.run(dvc + ["--single-item", "tables"]).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bpfree", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Backpropagation-free learning rules: a library, the papers' experiments and their verdicts.",
-        epilog="Reproduce everything with `dvc repro` (profile in params.yaml); see README.md.")
+        epilog="Reproduce with `dvc repro` (smoke) or `bpfree repro --profile cpu`; see README.md.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="rules, models, datasets and claims (with provenance)")
     p.add_argument("what", nargs="?", choices=WHAT)
@@ -172,7 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-every", type=float, metavar="SECONDS",
                    help="save each run's state after an epoch at most this often (default 30; 0: every "
                         "epoch); a killed run continues from its last saved epoch")
+    p.add_argument("--force", action="store_true",
+                   help="re-train every run and overwrite its metrics, even where committed ones match")
+    p.add_argument("--reuse", action="store_true",
+                   help="trust committed metrics with the same config and code hash (no re-training)")
     p.set_defaults(run=cmd_train)
+    p = sub.add_parser("verify", help="re-train committed runs into a scratch directory and compare; "
+                                      "exit 1 on a difference",
+                       description="Re-trains the committed runs of a profile (or of some experiments) "
+                                   "into a temporary directory and compares each with its committed "
+                                   "metrics.json by the per-quantity rule of bpfree/verify.py (images for "
+                                   "accuracies, degrees for angles, relative for losses). One line per run.")
+    p.add_argument("--profile", help="smoke, cpu or gpu (default: params.yaml's profile)")
+    p.add_argument("--experiment", nargs="*", help="only these experiments (default: all of the profile)")
+    p.add_argument("--rules", nargs="*", help="only these rules")
+    p.add_argument("--results", default="results", help="committed results directory (default: results)")
+    p.set_defaults(run=cmd_verify)
     p = sub.add_parser("claims", help="verdicts of the committed results; exit 1 on a new failure")
     p.add_argument("--profile", help="only claims checked in this profile")
     p.add_argument("--results", default="results", help="results directory (default: results)")
@@ -183,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repro", help="run the pipeline (`dvc repro`), with or without a git repository",
                        description="Runs `dvc repro` with the given arguments. Outside a git work tree it "
                                    "first turns on DVC's no-SCM mode. The Docker image's default command.")
-    p.add_argument("--profile", help="set params.yaml's profile (smoke, cpu or gpu) before running")
+    p.add_argument("--profile", help="smoke (dvc.yaml, the default) or cpu / gpu (pipelines/<profile>/dvc.yaml, "
+                                     "then the tables); no tracked file is edited")
     p.add_argument("dvc_args", nargs="*", metavar="DVC ARGS",
                    help="anything else is passed to `dvc repro` (e.g. --dry, a stage name)")
     p.set_defaults(run=cmd_repro)
@@ -197,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # dvc's own options pass through
-    return args.run(args)
+    from bpfree.config import ConfigError
+    from bpfree.data import DataError
+    try:
+        return args.run(args)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ from typing import Any
 import yaml
 
 PARAMS_FILE = "params.yaml"
+# The profile a stage runs when none is named: the one plain `dvc repro` (dvc.yaml) runs.
+# The others have their own pipeline files (pipelines/<profile>/dvc.yaml), so switching
+# profile never edits a tracked file.
+DEFAULT_PROFILE = "smoke"
+NOTES_FILE = Path(__file__).with_name("experiment_notes.yaml")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("multistep", "step", "onecycle", "none")
 SELECTIONS = ("best_val", "final")
@@ -43,7 +48,7 @@ EXPERIMENT_KEYS = {
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
     "pruning": False, "transfer": False,
 }
-TOP_KEYS = {"profile": True, "datasets": True, "optional_datasets": False, "experiments": True,
+TOP_KEYS = {"datasets": True, "optional_datasets": False, "experiments": True,
             "profiles": True}
 
 
@@ -484,6 +489,10 @@ def _validate_override(o, path) -> None:
 def validate_params(params: Any) -> dict:
     """Check the whole params tree, and every (experiment, profile) combination resolved."""
     _mapping(params, "params")
+    if "profile" in params:
+        raise ConfigError("profile", params["profile"], "params.yaml does not choose the profile: `dvc repro` "
+                          "runs smoke, `dvc repro pipelines/<profile>/dvc.yaml` another (or `bpfree repro "
+                          "--profile <profile>`); remove the key")
     _keys(params, TOP_KEYS, "params")
     ctx = {"rules": known_rules(), "models": known_models()}
     all_datasets = known_datasets()
@@ -513,8 +522,7 @@ def validate_params(params: Any) -> dict:
     profiles = _mapping(params["profiles"], "profiles")
     if not profiles:
         raise ConfigError("profiles", profiles, "needs at least one profile")
-    profile = params["profile"]
-    _choice(profile, "profile", list(profiles))
+    _choice(DEFAULT_PROFILE, "profiles (the default profile)", list(profiles))
     for pname, pdef in profiles.items():
         _mapping(pdef, f"profiles.{pname}")
         for exp_id in experiments:
@@ -572,9 +580,16 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
     return validate_params(params)
 
 
+def experiment_notes(path: str | os.PathLike = NOTES_FILE) -> dict[str, str]:
+    """experiment id -> what it reproduces and from which sources (prose; not hashed)."""
+    with open(path) as fh:
+        notes = yaml.safe_load(fh) or {}
+    return {k: " ".join(str(v).split()) for k, v in notes.items()}
+
+
 def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) -> dict:
     """The experiment as this profile runs it: base protocol with the profile's overrides."""
-    profile = params["profile"] if profile is None else profile
+    profile = DEFAULT_PROFILE if profile is None else profile
     if exp_id not in params["experiments"]:
         raise ConfigError("experiment", exp_id, "unknown experiment", list(params["experiments"]))
     exp = copy.deepcopy(params["experiments"][exp_id])

@@ -106,6 +106,10 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+# Environment variables that choose CPU kernels: torch's own, oneDNN's (convolutions), MKL's.
+CPU_KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def environment_info(device=None) -> dict:
     import torch
     import torchvision
@@ -116,7 +120,13 @@ def environment_info(device=None) -> dict:
         "packages": package_versions(),
         "platform": platform.platform(),
         "executable": sys.executable,
+        # Which vector kernels torch ran (AVX512, AVX2, DEFAULT): floats differ in their last
+        # bits between them, so a re-run elsewhere is compared by bpfree.verify, not bit for bit.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    forced = {k: os.environ[k] for k in CPU_KERNEL_SWITCHES if os.environ.get(k)}
+    if forced:
+        info["cpu_kernel_switches"] = forced
     if torch.version.cuda:
         info["cuda"] = torch.version.cuda
     if torch.backends.cudnn.is_available():

@@ -256,6 +256,29 @@ def render_readme(papers: dict, by_paper: dict[str, list[ClaimResult]],
     return "\n".join(lines)
 
 
+def metrics_record(results: list[ClaimResult], summary: dict | None, profile: str) -> dict:
+    """results/metrics/<profile>.json, a DVC metrics file: every claim row of this profile
+    (paper value, reproduced value, tolerance, verdict) and each experiment's headline
+    accuracy per rule (mean selected test accuracy over seeds)."""
+    claims: dict[str, dict] = {}
+    for res in results:
+        if res.claim.profile != profile:
+            continue
+        entry = claims.setdefault(res.claim.id, {"verdict": res.verdict})
+        for row in res.rows:
+            entry[row.rule or "all"] = {"paper": row.paper, "reproduced": row.mean, "tolerance": row.tolerance,
+                                        "verdict": row.verdict, "pass": int(row.verdict == "PASS")}
+    experiments = {}
+    for exp_id, exp in sorted(((summary or {}).get("experiments") or {}).items()):
+        accs = {rule: (entry.get("selected_test_acc_stats") or {}).get("mean")
+                for rule, entry in sorted((exp.get("rules") or {}).items())}
+        experiments[exp_id] = {"selected_test_acc": {r: a for r, a in accs.items() if a is not None}}
+    return {"profile": profile, "claims": claims, "experiments": experiments}
+
+
+METRIC_PROFILES = ("smoke", "cpu", "gpu")
+
+
 def write_reports(results_dir: str | Path = "results", claims_path: str | Path = CLAIMS_FILE) -> list[Path]:
     """results/tables/<paper>.md for every paper and results/README.md; returns the paths."""
     results_dir = Path(results_dir)
@@ -285,6 +308,11 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
         paper_figures = {s["name"]: figures[s["name"]] for s in papers[key].get("figures") or []}
         written.append(atomic_write_text(results_dir / "tables" / f"{key}.md",
                                          render_paper(key, papers[key], res, summaries, paper_figures)))
+    import json
+    for profile in METRIC_PROFILES:
+        record = metrics_record(results, summaries.get(profile), profile)
+        written.append(atomic_write_text(results_dir / "metrics" / f"{profile}.json",
+                                         json.dumps(record, indent=2, sort_keys=True) + "\n"))
     written.append(atomic_write_text(results_dir / "README.md",
                                      render_readme(papers, by_paper, summaries, figures, curves,
                                                    [p for p in summaries if (results_dir / p / "PROVENANCE.md").is_file()])))

@@ -14,12 +14,18 @@ CHECKPOINTS = Path("checkpoints")
 PREPARED = Path("data/prepared")
 
 
-def runs_dir(profile: str, experiment: str) -> Path:
-    return RESULTS / profile / "runs" / experiment
+def runs_dir(profile: str, experiment: str, root: Path = RESULTS) -> Path:
+    return Path(root) / profile / "runs" / experiment
 
 
-def checkpoints_dir(profile: str, experiment: str) -> Path:
-    return CHECKPOINTS / profile / experiment
+def checkpoints_dir(profile: str, experiment: str, root: Path = CHECKPOINTS) -> Path:
+    return Path(root) / profile / experiment
+
+
+# In a checkpoints dir: the runs this machine trained or re-trained and verified, with their
+# hashes. Git-ignored and never committed, so a fresh clone lacks it and DVC re-runs the
+# stage there; its content depends only on the results, so dvc.lock is the same everywhere.
+TRAINED_FILE = "trained.json"
 
 
 def summary_path(profile: str) -> Path:

@@ -24,10 +24,10 @@ def main(argv: list[str]) -> int:
     import torch
 
     from bpfree.benchmark import PROFILES, render_markdown, run_benchmark
-    from bpfree.config import ConfigError, load_params
+    from bpfree.config import DEFAULT_PROFILE, ConfigError, load_params
     from bpfree.provenance import atomic_write_json, atomic_write_text
 
-    profile = args.profile or load_params()["profile"]
+    profile = args.profile or DEFAULT_PROFILE
     if profile not in PROFILES:
         raise ConfigError("profile", profile, "no benchmark preset", list(PROFILES))
     if profile == "gpu":

@@ -123,6 +123,47 @@ def write_learning_curves(curves: dict[str, dict[str, list[dict]]], out_dir) -> 
     return written
 
 
+def write_curve_overlays(curves_dir, plots_dir) -> int:
+    """results/<profile>/plots/<experiment>.csv: all of an experiment's learning curves in one
+    long table with a `curve` column (rule, or rule_<sweep point>), so `dvc plots show` draws
+    one plot per experiment with a line per rule (template .dvc/plots/rules.json). Derived
+    from the per-curve CSVs, which the figures read."""
+    import csv
+    import io
+    import shutil
+    from pathlib import Path
+
+    from bpfree.provenance import atomic_write_text
+
+    curves_dir, plots_dir = Path(curves_dir), Path(plots_dir)
+    if plots_dir.exists():
+        shutil.rmtree(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+    written = 0
+    for exp_dir in sorted(p for p in curves_dir.glob("*") if p.is_dir()):
+        rows, columns = [], ["curve"]
+        for file in sorted(exp_dir.glob("*.csv"), key=lambda f: _natural(f.stem)):
+            with open(file, newline="") as fh:
+                reader = csv.DictReader(fh)
+                columns += [c for c in reader.fieldnames or [] if c not in columns]
+                rows += [{"curve": file.stem, **row} for row in reader]
+        if not rows:
+            continue
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(plots_dir / f"{exp_dir.name}.csv", buffer.getvalue())
+        written += 1
+    return written
+
+
+def _natural(name: str) -> list:
+    """bp_width15 before bp_width100: numbers inside names sort as numbers."""
+    import re
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 TEST_DRAW = "randperm(seed 0)[:test_images], sorted"  # which test images the curves use
 
 
@@ -249,13 +290,14 @@ def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = 
 
 
 def summarise(params: dict, profile: str) -> dict:
-    from bpfree.config import config_hash, resolve_experiment, run_configs
+    from bpfree.config import config_hash, experiment_notes, resolve_experiment, run_configs
     from bpfree.data import read_manifest
     from bpfree.training import data_hash
 
     from bpfree.config import sweep_label
 
     summary = {"profile": profile, "experiments": {}, "mismatches": []}
+    notes = experiment_notes()
     finished: dict[str, dict[str, list[dict]]] = {}  # experiment -> curve group -> OK runs
     previous = (_read(summary_path(profile)) or {}).get("experiments", {})
     data_cache: dict = {}
@@ -268,7 +310,7 @@ def summarise(params: dict, profile: str) -> dict:
                 "dataset": exp["dataset"], "model": exp["model"]["name"], "not_run": reason,
                 "shortened": exp["shortened"], "deviations": exp["deviations"],
                 "epochs": exp["epochs"], "selection": exp["selection"],
-                "notes": " ".join((exp.get("notes") or "").split()), "rules": {}}
+                "notes": notes.get(exp_id, ""), "rules": {}}
             continue
         try:
             dhash = data_hash(read_manifest(PREPARED / exp["dataset"]))
@@ -339,7 +381,7 @@ def summarise(params: dict, profile: str) -> dict:
             "data_variant": sorted(v for v in variants if v) or None,
             "selection": exp["selection"], "shortened": exp["shortened"],
             "deviations": exp["deviations"], "epochs": exp["epochs"],
-            "notes": " ".join((exp.get("notes") or "").split()),
+            "notes": notes.get(exp_id, ""),
             "sweep": exp.get("sweep"),
             "rules": rules,
         }
@@ -352,14 +394,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate")
     parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
-    from bpfree.config import load_params
+    from bpfree.config import DEFAULT_PROFILE, load_params
     from bpfree.provenance import atomic_write_json
 
     params = load_params()
-    profile = args.profile or params["profile"]
+    profile = args.profile or DEFAULT_PROFILE
     (RESULTS / profile / "pruning").mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
     summary = summarise(params, profile)
     n_curves = write_learning_curves(summary.pop("learning_curves"), learning_curves_dir(profile))
+    write_curve_overlays(learning_curves_dir(profile), RESULTS / profile / "plots")
     atomic_write_json(summary_path(profile), summary)
     n_runs = sum(len(r["status"]) for e in summary["experiments"].values() for r in e["rules"].values())
     log(f"[{profile}] summarised {n_runs} runs -> {summary_path(profile)}; "

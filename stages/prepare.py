@@ -35,8 +35,12 @@ def main(argv: list[str]) -> int:
     except MissingDataError as exc:
         if not args.optional:
             raise
-        atomic_write_json(Path(out) / MISSING_FILE, {"dataset": args.dataset, "message": str(exc)})
-        log(f"{args.dataset}: NOT AVAILABLE, recorded in {Path(out) / MISSING_FILE}:\n{exc}")
+        # The recorded message names the data directory by its variable, not this machine's
+        # path: MISSING.json is a DVC output, and dvc.lock must not differ between machines.
+        message = str(exc).replace(f" (from BPFREE_DATA_DIR={raw})", "")
+        message = message.replace(str(raw.resolve()), "$BPFREE_DATA_DIR").replace(str(raw), "$BPFREE_DATA_DIR")
+        atomic_write_json(Path(out) / MISSING_FILE, {"dataset": args.dataset, "message": message})
+        log(f"{args.dataset}: not available ({Path(out) / MISSING_FILE}); its experiments show NOT RUN")
         return 0
     log(f"prepared {args.dataset} (variant {manifest.get('variant')}) from {raw} -> {out}")
     return 0

@@ -24,14 +24,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rules", nargs="*", help="only these rules (to shard over processes)")
     args = parser.parse_args(argv)
 
-    from bpfree.config import ConfigError, _set_path, load_params, resolve_experiment
+    from bpfree.config import DEFAULT_PROFILE, ConfigError, _set_path, load_params, resolve_experiment
     from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
     from bpfree.training import select_device, train_run, code_hash, data_hash
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()
-    profile = args.profile or params["profile"]
+    profile = args.profile or DEFAULT_PROFILE
     exp = resolve_experiment(params, args.experiment, profile)
     grid = exp.get("tuning")
     if not grid:

@@ -31,7 +31,9 @@ def expect(params, *fragments):
 
 def test_repo_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params["profile"] == "smoke", "plain `dvc repro` must stay the fast smoke profile"
+    assert "profile" not in params, "the pipeline file chooses the profile, not params.yaml"
+    assert yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] == [{"profile": "smoke"}], \
+        "plain `dvc repro` must stay the fast smoke profile"
     for exp in params["experiments"]:
         resolved = resolve_experiment(params, exp)
         if resolved.get("skip"):
@@ -82,9 +84,18 @@ def test_unknown_dataset_in_datasets_list(params):
     expect(params, f"datasets[{len(params['datasets']) - 1}]", "'imagenet'", "cifar10")
 
 
-def test_unknown_profile(params):
-    params["profile"] = "laptop"
-    expect(params, "profile", "'laptop'", "smoke", "cpu", "gpu")
+def test_profile_in_params_is_refused_with_the_way_to_switch(params):
+    params["profile"] = "cpu"
+    expect(params, "profile", "'cpu'", "dvc repro pipelines/<profile>/dvc.yaml", "bpfree repro --profile")
+
+
+def test_experiment_notes_cover_every_experiment_and_stay_out_of_params():
+    from bpfree.config import experiment_notes
+    params = load_params(REPO / "params.yaml")
+    notes = experiment_notes()
+    assert sorted(notes) == sorted(params["experiments"])
+    assert all(text.strip() for text in notes.values())
+    assert not any("notes" in exp for exp in params["experiments"].values())
 
 
 def test_unknown_optimizer(params):

@@ -99,12 +99,18 @@ def test_repro_without_git_uses_dvc_no_scm_mode(tmp_path):
     assert "no-SCM" not in proc.stderr and not (root / ".dvc" / "config.local").exists()
 
 
-def test_repro_profile_flag_sets_params_and_rejects_unknown(tmp_path, monkeypatch, capsys):
-    params = tmp_path / "params.yaml"
-    shutil.copy2(REPO / "params.yaml", params)
-    cli.set_profile(params, "gpu")
-    assert re.search(r"(?m)^profile: gpu$", params.read_text())
-    assert params.read_text().replace("profile: gpu", "profile: smoke", 1) == (REPO / "params.yaml").read_text()
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked files")
+def test_repro_profile_runs_its_pipeline_file_and_edits_nothing(tmp_path):
+    root = _copy_without_git(tmp_path / "export")
+    before = {p: p.read_bytes() for p in (root / "params.yaml", root / "dvc.yaml")}
+    proc = _repro(root, "--profile", "cpu", "--dry", "--single-item",
+                  "pipelines/cpu/dvc.yaml:train@A2_mnist_mlp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "python -m stages.train A2_mnist_mlp --profile cpu" in proc.stdout
+    assert {p: p.read_bytes() for p in before} == before  # no tracked file edited, even for a moment
+
+
+def test_repro_rejects_an_unknown_profile(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / ".dvc").mkdir()

@@ -1,0 +1,44 @@
+"""One pipeline file per profile: `dvc repro` runs smoke, pipelines/<p>/dvc.yaml the others."""
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.pipelines import PROFILES, render  # noqa: E402
+
+
+def test_committed_profile_pipelines_are_what_the_generator_writes():
+    for profile in PROFILES:
+        path = REPO / "pipelines" / profile / "dvc.yaml"
+        assert path.read_text() == render(profile), f"{path} is stale: run `python -m stages.pipelines`"
+
+
+def test_profile_pipelines_fix_their_profile_and_run_from_the_root():
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert root["vars"] == [{"profile": "smoke"}]
+    for profile in PROFILES:
+        doc = yaml.safe_load(render(profile))
+        assert doc["vars"][-1] == {"profile": profile}
+        assert set(doc["stages"]) == {"train", "evaluate"}
+        assert doc["stages"]["train"]["do"]["wdir"] == "../.." and doc["stages"]["evaluate"]["wdir"] == "../.."
+        assert "--profile ${profile}" in doc["stages"]["train"]["do"]["cmd"]
+        # The tables stage of dvc.yaml reads this summary as a plain dependency: declaring it
+        # here would put this profile's hours of training upstream of a plain `dvc repro`.
+        outs = [next(iter(o)) for o in doc["stages"]["evaluate"]["outs"]]
+        assert not any("summary.json" in o for o in outs)
+    assert "results/cpu/summary.json" in root["stages"]["tables"]["deps"]
+
+
+def test_params_dependencies_are_per_experiment_and_profile_entry():
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    assert train["params"] == ["experiments.${key}", "profiles.${profile}.${key}"]
+    outs = [next(iter(o)) for o in train["outs"]]
+    assert outs == ["results/${profile}/runs/${key}", "checkpoints/${profile}/${key}/trained.json"]
+
+
+def test_no_default_remote_outside_the_repository():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert "remote" not in config and "url" not in config
