@@ -221,10 +221,14 @@ def cmd_repro(args) -> int:
     if not inside_git_work_tree(root):
         print("no git repository here: using DVC's no-SCM mode (.dvc/config.local core.no_scm)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.no_scm", "true"], check=True)
-    dvc = [sys.executable, "-m", "dvc", "repro"]
     targets = [] if any(not a.startswith("-") for a in args.dvc_args) else [target]  # the user's own
+    if args.dry:
+        # DVC's own `repro --dry` hashes every dependency through its run cache and stops at
+        # the first one not yet made (a fresh clone's prepared data); `status` does not.
+        return subprocess.run([sys.executable, "-m", "dvc", "status", *args.dvc_args, *targets]).returncode
+    dvc = [sys.executable, "-m", "dvc", "repro"]
     code = subprocess.run(dvc + [*args.dvc_args, *targets]).returncode
-    if code or target == "dvc.yaml" or "--dry" in args.dvc_args:
+    if code or target == "dvc.yaml":
         return code
     return subprocess.run(dvc + ["--single-item", "tables"]).returncode
 
@@ -274,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "first turns on DVC's no-SCM mode. The Docker image's default command.")
     p.add_argument("--profile", help="smoke (dvc.yaml, the default) or cpu / gpu (pipelines/<profile>/dvc.yaml, "
                                      "then the tables); no tracked file is edited")
+    p.add_argument("--dry", action="store_true",
+                   help="preview: which stages of the profile's pipeline would run, and why (`dvc status`)")
     p.add_argument("dvc_args", nargs="*", metavar="DVC ARGS",
                    help="anything else is passed to `dvc repro` (e.g. --dry, a stage name)")
     p.set_defaults(run=cmd_repro)

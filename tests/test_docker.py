@@ -87,14 +87,14 @@ def _repro(root: Path, *args: str) -> subprocess.CompletedProcess:
 def test_repro_without_git_uses_dvc_no_scm_mode(tmp_path):
     root = _copy_without_git(tmp_path / "export")
     assert not (root / ".git").exists()
-    proc = _repro(root, "--dry", "--single-item", "prepare@mnist")
+    proc = _repro(root, "--dry", "prepare@mnist")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "no-SCM mode" in proc.stderr and "python -m stages.prepare mnist" in proc.stdout
+    assert "no-SCM mode" in proc.stderr and "prepare@mnist:" in proc.stdout
     assert "no_scm = true" in (root / ".dvc" / "config.local").read_text()
 
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # with git: DVC's git mode
     (root / ".dvc" / "config.local").unlink()
-    proc = _repro(root, "--dry", "--single-item", "prepare@mnist")
+    proc = _repro(root, "--dry", "prepare@mnist")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no-SCM" not in proc.stderr and not (root / ".dvc" / "config.local").exists()
 
@@ -103,10 +103,9 @@ def test_repro_without_git_uses_dvc_no_scm_mode(tmp_path):
 def test_repro_profile_runs_its_pipeline_file_and_edits_nothing(tmp_path):
     root = _copy_without_git(tmp_path / "export")
     before = {p: p.read_bytes() for p in (root / "params.yaml", root / "dvc.yaml")}
-    proc = _repro(root, "--profile", "cpu", "--dry", "--single-item",
-                  "pipelines/cpu/dvc.yaml:train@A2_mnist_mlp")
+    proc = _repro(root, "--profile", "cpu", "--dry")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "python -m stages.train A2_mnist_mlp --profile cpu" in proc.stdout
+    assert "pipelines/cpu/dvc.yaml:train@A2_mnist_mlp" in proc.stdout and "train@A2_mnist_mlp:" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before  # no tracked file edited, even for a moment
 
 

@@ -188,7 +188,15 @@ def test_write_reports(registry, tmp_path):
     (curves / "bp.csv").write_text("epoch,test_acc,n_seeds\n1,90.0,2\n2,97.0,2\n")
     written = write_reports(results, path)
     assert sorted(p.relative_to(results).as_posix() for p in written) == [
-        "README.md", "figures/learning_curves_cpu_E1.png", "tables/toy_paper.md"]
+        "README.md", "figures/learning_curves_cpu_E1.png", "metrics/cpu.json", "metrics/gpu.json",
+        "metrics/smoke.json", "tables/toy_paper.md"]
+    # The DVC metrics of a profile: each of its claims' rows, and each experiment's headline.
+    cpu = json.loads((results / "metrics" / "cpu.json").read_text())
+    assert cpu["claims"]["T-abs"]["verdict"] == "FAIL" and cpu["claims"]["T-rel"]["verdict"] == "PASS"
+    row = next(v for k, v in cpu["claims"]["T-abs"].items() if k != "verdict")
+    assert set(row) == {"paper", "reproduced", "tolerance", "verdict", "pass"}
+    assert "T-gpu" not in cpu["claims"] and "T-gpu" in json.loads((results / "metrics" / "gpu.json").read_text())["claims"]
+    assert cpu["experiments"]["E1"]["selected_test_acc"]
     paper = (results / "tables" / "toy_paper.md").read_text()
     assert "### T-abs: FAIL" in paper and "### T-rel: PASS" in paper and "### T-gpu: NOT RUN" in paper
     assert "protocol shortened in this profile: YES" in paper
