@@ -104,11 +104,12 @@ def test_fresh_clone_dvc_repro_retrains_and_reproduces_on_plain_kernels(tmp_path
     assert "A1-mnist-lenet-error" in proc.stdout and "results/metrics/cpu.json" in proc.stdout
     overlays = sorted((work / "results" / "smoke" / "plots").glob("*.csv"))
     assert work / "results" / "smoke" / "plots" / "A2_mnist_mlp.csv" in overlays
-    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "dvc.yaml"], cwd=work,
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=work,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     shown = json.loads(proc.stdout)
-    assert not shown.get("errors") and len(shown["data"]) == len(overlays), proc.stdout[-3000:]
+    assert not shown.get("errors"), shown.get("errors")
+    assert {f"results/smoke/plots/{p.name}" for p in overlays} <= set(shown["data"])
 
 
 def test_verify_reproduces_every_smoke_run_on_avx2_kernels(tmp_path):
