@@ -332,3 +332,36 @@ def test_reference_feedback_is_not_weight(rule):
     handle, w0, x, y, grad_out = _run(rule, layer, (4, 6), 0)
     bp_grad = grad_out @ layer.weight.detach()
     assert (x.grad - bp_grad).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2)])
+def test_dfa_kernel_feedback_matches_the_transposed_convolution_written_out(stride, padding, dilation):
+    """conv_feedback='kernel' (biotorch's DFA for Conv2d): the error e (N, C) is copied to every
+    output position (oh, ow) and sent back through the kernel B (C, C_in, kh, kw):
+    dL/dx[n, c, i, j] = sum over k, oh, ow of e[n, k] B[k, c, i - oh*s + p, j - ow*s + p]
+    (where the kernel index, divided by the dilation, is a valid tap)."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation).double()
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    model(x)  # materialise the lazy layer before converting
+    bpfree.apply_rule(model, "dfa", conv_feedback="kernel", seed=3)
+    out = model(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    kernel = conv.dfa_feedback.double()
+    assert kernel.shape == (5, 3, 3, 3)
+    bound = (6.0 / ((3 + 5) * 9)) ** 0.5  # Xavier-uniform over the kernel's own fans
+    assert kernel.abs().max() <= bound
+    out_h = (7 + 2 * padding - dilation * 2 - 1) // stride + 1
+    expected = torch.zeros_like(x)
+    for n in range(2):
+        for k in range(5):
+            for oh in range(out_h):
+                for ow in range(out_h):
+                    for a in range(3):
+                        for b in range(3):
+                            i, j = oh * stride - padding + a * dilation, ow * stride - padding + b * dilation
+                            if 0 <= i < 7 and 0 <= j < 7:
+                                expected[n, :, i, j] += e[n, k] * kernel[k, :, a, b]
+    _close(x.grad, expected, "input gradient (kernel-shaped DFA)")

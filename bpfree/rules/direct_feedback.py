@@ -12,6 +12,14 @@ tensor (N, T, F) receives B_l e broadcast over tokens when the output is per seq
 Skip connections that bypass a converted layer still carry their (BP) gradient between
 points; DFA papers on ResNets differ on this, and this implementation documents rather
 than hides it.
+
+Conv layers take one of two feedback shapes (option `conv_feedback`):
+- "dense" (default): one matrix from the C classes to every input unit (C_in*H*W), so each
+  input position has its own random weights;
+- "kernel": biotorch's shape (C, C_in, kh, kw) (biotorch/layers/dfa/conv.py:51-54, Xavier-
+  uniform at :74): the error is copied to every output position of the conv and sent
+  through its transposed convolution (conv2d_input, :110-129), so every position shares
+  one kernel and border inputs, which fewer output positions see, receive less.
 """
 from __future__ import annotations
 
@@ -19,7 +27,9 @@ import torch
 from torch import nn
 
 from bpfree import distributed
-from bpfree.rules.base import Rule, _remove_state, register_rule
+from bpfree.rules.base import Rule, _remove_state, conv_padding, register_rule
+
+CONV_FEEDBACK = ("dense", "kernel")
 
 
 class _DirectFeedbackHub(torch.autograd.Function):
@@ -32,10 +42,33 @@ class _DirectFeedbackHub(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = [
-            project_error(layer.dfa_feedback, grad_output, shape)
+            project_error_through_kernel(layer, grad_output, shape) if layer.dfa_feedback.dim() == 4
+            else project_error(layer.dfa_feedback, grad_output, shape)
             for layer, shape in zip(ctx.layers, ctx.point_shapes)
         ]
         return (grad_output, None, *grads)
+
+
+def conv_output_size(layer: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """The spatial size nn.Conv2d gives for an input of (height, width)."""
+    if layer.padding == "same":
+        return height, width
+    padding = (0, 0) if layer.padding == "valid" else layer.padding
+    return tuple(
+        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        for size, pad, dil, k, stride in zip((height, width), padding, layer.dilation, layer.kernel_size,
+                                             layer.stride))
+
+
+def project_error_through_kernel(layer: nn.Conv2d, error: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """biotorch's conv DFA: e copied to every output position, then the conv's transposed
+    convolution with the kernel-shaped B (C, C_in, kh, kw) gives the input's gradient."""
+    kernel = layer.dfa_feedback.to(error.dtype)
+    error = error.reshape(error.shape[0], -1)
+    out_h, out_w = conv_output_size(layer, shape[-2], shape[-1])
+    spread = error[:, :, None, None].expand(error.shape[0], error.shape[1], out_h, out_w)
+    padding = conv_padding(layer)
+    return torch.nn.grad.conv2d_input(shape, kernel, spread, layer.stride, padding, layer.dilation)
 
 
 def project_error(matrix: torch.Tensor, error: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -61,8 +94,13 @@ class DirectFeedbackAlignment(Rule):
     """
 
     name = "dfa"
-    defaults = {"seed": None}
+    defaults = {"seed": None, "conv_feedback": "dense"}
     feedback_replaces_weight = False
+
+    def validate_options(self) -> None:
+        if self.options["conv_feedback"] not in CONV_FEEDBACK:
+            raise ValueError(f"rule 'dfa': unknown conv_feedback {self.options['conv_feedback']!r}; "
+                             f"choices: {', '.join(CONV_FEEDBACK)}")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -109,17 +147,32 @@ class DirectFeedbackAlignment(Rule):
         return _DirectFeedbackHub.apply(output, tuple(layers), *points)
 
     def _ensure_matrix(self, layer, point, out_dim, output):
-        in_dim = point.shape[-1] if point.dim() == 3 else point[0].numel()
+        kernel = self.options["conv_feedback"] == "kernel" and isinstance(layer, nn.Conv2d)
+        if kernel:
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise ValueError(f"rule 'dfa': conv_feedback 'kernel' needs a plain convolution (groups 1, "
+                                 f"zero padding); {layer} has groups {layer.groups}, padding "
+                                 f"{layer.padding_mode!r}; use conv_feedback 'dense'")
+            shape = (out_dim, layer.in_channels, *layer.kernel_size)
+        else:
+            shape = (point.shape[-1] if point.dim() == 3 else point[0].numel(), out_dim)
         existing = layer._buffers.get("dfa_feedback")
-        if existing is not None and existing.shape == (in_dim, out_dim):
+        if existing is not None and existing.shape == shape:
             return
         if existing is not None:
             raise ValueError(
                 f"rule 'dfa': the input of {type(layer).__name__} changed shape "
-                f"(feedback is {tuple(existing.shape)}, need {(in_dim, out_dim)})"
+                f"(feedback is {tuple(existing.shape)}, need {shape})"
             )
-        bound = (6.0 / (in_dim + out_dim)) ** 0.5
-        matrix = torch.empty(in_dim, out_dim, device=output.device, dtype=torch.float32)
+        # Xavier-uniform over B's own shape: for a kernel, fan_in C_in*kh*kw and fan_out C*kh*kw
+        # (torch's fans of a (C, C_in, kh, kw) tensor), as biotorch draws it.
+        if kernel:
+            receptive = layer.kernel_size[0] * layer.kernel_size[1]
+            fan_sum = (layer.in_channels + out_dim) * receptive
+        else:
+            fan_sum = shape[0] + shape[1]
+        bound = (6.0 / fan_sum) ** 0.5
+        matrix = torch.empty(shape, device=output.device, dtype=torch.float32)
         matrix.uniform_(-bound, bound, generator=self.generator(output.device))
         distributed.broadcast_(matrix)  # drawn lazily: data-parallel ranks take rank 0's draw
         layer.register_buffer("dfa_feedback", matrix)
