@@ -99,8 +99,37 @@ def metric_table(summary: dict | None, spec: dict) -> str:
     return tabulate(rows, headers=["rule"] + list(spec["metrics"]), tablefmt="github", disable_numparse=True)
 
 
+PROTOCOLS_FILE = Path(__file__).with_name("protocols.yaml")
+PROTOCOL_COLUMNS = ["setting", "paper", "authors' code", "ours", "why"]
+
+
+def load_protocols(path: str | Path = PROTOCOLS_FILE) -> dict[str, list[dict]]:
+    """paper key -> protocol tables (setting | paper | authors' code | ours | why)."""
+    import yaml
+    with open(path) as fh:
+        protocols = yaml.safe_load(fh) or {}
+    for key, tables in protocols.items():
+        for table in tables:
+            for row in table["rows"]:
+                if len(row) != len(PROTOCOL_COLUMNS):
+                    raise ValueError(f"{path}: {key} {table['experiment']}: row {row[:1]} needs "
+                                     f"{len(PROTOCOL_COLUMNS)} cells ({', '.join(PROTOCOL_COLUMNS)})")
+    return protocols
+
+
+def protocol_section(tables: list[dict]) -> list[str]:
+    lines = ["## Protocol: the paper, the authors' code and ours", "",
+             "From `bpfree/protocols.yaml`; file:line refer to the authors' repositories named there. "
+             "OPEN marks a difference not yet removed.", ""]
+    for table in tables:
+        rows = [[_md(cell) for cell in row] for row in table["rows"]]
+        lines += [f"### {table['title']}", "", f"Experiment `{table['experiment']}`.", "",
+                  tabulate(rows, headers=PROTOCOL_COLUMNS, tablefmt="github", disable_numparse=True), ""]
+    return lines
+
+
 def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: dict | None = None,
-                 figures: dict | None = None) -> str:
+                 figures: dict | None = None, protocols: list[dict] | None = None) -> str:
     lines = [f"# {meta.get('title', key)}", ""]
     for src in meta.get("sources", []):
         lines.append(f"- {src}")
@@ -108,6 +137,8 @@ def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: di
               "`results/<profile>/summary.json`; do not edit by hand.", "",
               "Metric units are percent points. Reproduced values are means over seeds of the "
               "test accuracy (or error) at the epoch the experiment's `selection` picks.", ""]
+    if protocols:
+        lines += protocol_section(protocols)
     lines += ["## Claims", ""]
     for res in results:
         c = res.claim
@@ -304,10 +335,12 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
                 curves[(profile, experiment)] = draw_learning_curves(results_dir, summaries, profile, experiment)
                 if curves[(profile, experiment)][0] is not None:
                     written.append(curves[(profile, experiment)][0])
+    protocols = load_protocols() if Path(claims_path).resolve() == CLAIMS_FILE.resolve() else {}
     for key, res in by_paper.items():
         paper_figures = {s["name"]: figures[s["name"]] for s in papers[key].get("figures") or []}
         written.append(atomic_write_text(results_dir / "tables" / f"{key}.md",
-                                         render_paper(key, papers[key], res, summaries, paper_figures)))
+                                         render_paper(key, papers[key], res, summaries, paper_figures,
+                                                      protocols.get(key))))
     import json
     for profile in METRIC_PROFILES:
         record = metrics_record(results, summaries.get(profile), profile)

@@ -236,3 +236,18 @@ def test_registry_rejects_missing_field(tmp_path):
     path.write_text(yaml.safe_dump(reg))
     with pytest.raises(ClaimsError, match="T-rel.*tolerance_reason"):
         load_registry(path)
+
+
+def test_protocol_tables_render_into_the_paper_page_and_reject_short_rows(tmp_path):
+    from bpfree.reporting import load_protocols, protocol_section
+    protocols = load_protocols()
+    tables = protocols["fa_reference_tables"]
+    assert {t["experiment"] for t in tables} == {"A1_mnist_lenet", "A1_cifar10_lenet", "A2_mnist_mlp"}
+    text = "\n".join(protocol_section(tables))
+    header = next(line for line in text.splitlines() if line.startswith("| setting"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["setting", "paper", "authors' code", "ours", "why"]
+    assert "layers/dfa/conv.py:51-54" in text and "FCNN_KP.py" in text
+    bad = tmp_path / "protocols.yaml"
+    bad.write_text("p:\n  - {experiment: X, title: t, rows: [[a, b, c]]}\n")
+    with pytest.raises(ValueError, match="needs 5 cells"):
+        load_protocols(bad)
