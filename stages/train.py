@@ -160,6 +160,7 @@ def main(argv: list[str]) -> int:
             if not differences:
                 resume_path(ckpt_dir, run).unlink(missing_ok=True)
                 trained.add(run["run_id"], chash, chash_code)
+                trained.write()
                 log(f"  {run['run_id']}: reproduced the committed metrics ({metrics['wall_time_s']:.1f}s)")
                 continue
             differ += 1
@@ -170,6 +171,7 @@ def main(argv: list[str]) -> int:
         atomic_write_json(metrics_path, metrics, compact=metrics.get("curves") is not None)
         resume_path(ckpt_dir, run).unlink(missing_ok=True)  # only once the metrics are safe
         trained.add(run["run_id"], chash, chash_code)
+        trained.write()
         log(f"  {run['run_id']}: {metrics['status']}, selected test acc {metrics['selected_test_acc']}, "
             f"{metrics['wall_time_s']:.1f}s")
     bar.close()
@@ -218,24 +220,36 @@ def train_one(run: dict, data, device, checkpoint, resume, resume_every: float) 
 
 class Trained:
     """checkpoints/<profile>/<experiment>/trained.json: which runs this machine trained,
-    re-trained and verified, or was told to reuse, by config and code hash."""
+    re-trained and verified, or was told to reuse, by config and code hash.
+
+    Several processes may train one experiment side by side (`stages.launch` shards rules
+    over processes), so a write re-reads the file and changes only this process's runs."""
 
     def __init__(self, path):
         self.path = path
-        self.runs = (read_metrics(path) or {}).get("runs", {})
+        self.runs = self._read()
+        self.touched: dict[str, dict] = {}
+        self.valid: set[str] | None = None
+
+    def _read(self) -> dict:
+        return (read_metrics(self.path) or {}).get("runs", {})
 
     def has(self, run_id: str, config: str, code: str) -> bool:
         return self.runs.get(run_id) == {"config_hash": config, "code_hash": code}
 
     def add(self, run_id: str, config: str, code: str | None) -> None:
-        self.runs[run_id] = {"config_hash": config, "code_hash": code}
+        self.runs[run_id] = self.touched[run_id] = {"config_hash": config, "code_hash": code}
 
     def keep_only(self, run_ids: set[str]) -> None:
-        self.runs = {k: v for k, v in self.runs.items() if k in run_ids}
+        self.valid = set(run_ids)
 
     def write(self, runs: dict | None = None) -> None:
         from bpfree.provenance import atomic_write_json
-        atomic_write_json(self.path, {"runs": dict(sorted((self.runs if runs is None else runs).items()))})
+        if runs is None:
+            runs = {**self._read(), **self.touched}
+            if self.valid is not None:
+                runs = {k: v for k, v in runs.items() if k in self.valid}
+        atomic_write_json(self.path, {"runs": dict(sorted(runs.items()))})
 
 
 if __name__ == "__main__":

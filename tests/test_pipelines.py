@@ -42,3 +42,22 @@ def test_params_dependencies_are_per_experiment_and_profile_entry():
 def test_no_default_remote_outside_the_repository():
     config = (REPO / ".dvc" / "config").read_text()
     assert "remote" not in config and "url" not in config
+
+
+def test_trained_record_keeps_the_runs_of_processes_training_side_by_side(tmp_path):
+    """Shards of one experiment (stages.launch) write one trained.json; none drops another's."""
+    from stages.train import Trained
+    path = tmp_path / "trained.json"
+    first, second = Trained(path), Trained(path)
+    first.keep_only({"bp_seed0", "fa_seed0"})
+    second.keep_only({"bp_seed0", "fa_seed0"})
+    first.add("bp_seed0", "c1", "k")
+    first.write()
+    second.add("fa_seed0", "c2", "k")
+    second.write()
+    assert Trained(path).runs == {"bp_seed0": {"config_hash": "c1", "code_hash": "k"},
+                                  "fa_seed0": {"config_hash": "c2", "code_hash": "k"}}
+    third = Trained(path)
+    third.keep_only({"bp_seed0"})  # a run the params no longer define is dropped
+    third.write()
+    assert set(Trained(path).runs) == {"bp_seed0"}
