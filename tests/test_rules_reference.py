@@ -365,3 +365,44 @@ def test_dfa_kernel_feedback_matches_the_transposed_convolution_written_out(stri
                             if 0 <= i < 7 and 0 <= j < 7:
                                 expected[n, :, i, j] += e[n, k] * kernel[k, :, a, b]
     _close(x.grad, expected, "input gradient (kernel-shaped DFA)")
+
+
+def test_kp_without_decay_keeps_w_minus_b_at_its_start():
+    """decay 0 (the reference code's reported run): equal increments, so B - W never moves."""
+    torch.manual_seed(3)
+    layer = nn.Linear(6, 4).double()
+    bpfree.apply_rule(layer, "kp", decay=0.0, seed=1)
+    offset = (layer.feedback_weight - layer.weight).detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.3)
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(8, 6, dtype=torch.float64)).pow(2).sum().backward()
+        opt.step()
+    assert not torch.equal(offset, torch.zeros_like(offset))
+    _close((layer.feedback_weight - layer.weight).detach(), offset, "B - W after 5 steps")
+
+
+def test_wm_hebbian_mirror_is_the_reference_codes_update():
+    """mirror 'hebbian' (fcnn/FCNN_WM.py:48-51): x = a (U[0,1) - 1/2), y = sigmoid(W x + b),
+    B += eta_m y^T x over the noise batch, no decay; warmup_steps of it at apply time."""
+    torch.manual_seed(4)
+    layer = nn.Linear(5, 3).double()
+    opts = dict(mirror="hebbian", mirror_lr=0.01, mirror_batch=7, noise_amplitude=0.1,
+                mirror_activation="sigmoid", warmup_steps=2, seed=11)
+    handle = bpfree.apply_rule(layer, "wm", **opts)
+    rule = handle.rule
+    w, b = layer.weight.detach(), layer.bias.detach()
+
+    def step(draw):  # the rule's generator for its draw-th use is seeded with seed + draw
+        x = torch.rand((7, 5), generator=torch.Generator().manual_seed(11 + draw), dtype=torch.float64)
+        x = 0.1 * (x - 0.5)
+        return 0.01 * torch.sigmoid(x @ w.t() + b).t() @ x
+
+    initial = draw_like = torch.empty_like(w)
+    torch.nn.init.xavier_uniform_(draw_like, generator=torch.Generator().manual_seed(11))
+    _close(layer.feedback_weight.detach(), initial + step(1) + step(2), "B after 2 warm-up mirror steps")
+    before = layer.feedback_weight.detach().clone()
+    rule.mirror(layer)
+    _close(layer.feedback_weight.detach(), before + step(3), "B after one more mirror step")
+    with pytest.raises(ValueError, match="Linear layers only"):
+        bpfree.apply_rule(nn.Conv2d(2, 2, 3), "wm", mirror="hebbian")
