@@ -48,7 +48,7 @@ EXPERIMENT_KEYS = {
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
     "pruning": False, "transfer": False,
 }
-TOP_KEYS = {"datasets": True, "optional_datasets": False, "experiments": True,
+TOP_KEYS = {"datasets": True, "optional_datasets": False, "data_variants": True, "experiments": True,
             "profiles": True}
 
 
@@ -486,6 +486,20 @@ def _validate_override(o, path) -> None:
         raise ConfigError(f"{path}.skip", o["skip"], "must be the reason this profile does not run it")
 
 
+def _validate_data_variants(variants: Any, datasets: list[str]) -> None:
+    """Each prepared dataset names the pinned raw release (bpfree/data/checksums.json) it is
+    made from: a dependency of its prepare stage, so other raw data re-runs it, or stops."""
+    from bpfree.data.checksums import load_pins
+    _mapping(variants, "data_variants")
+    for name in datasets:
+        if name not in variants:
+            raise ConfigError(f"data_variants.{name}", None, "every dataset names the raw release it is "
+                              "prepared from", sorted(load_pins().get(name, {}).get("variants", {})))
+        _choice(variants[name], f"data_variants.{name}", sorted(load_pins().get(name, {}).get("variants", {})))
+    for name in variants:
+        _choice(name, f"data_variants.{name}", datasets)
+
+
 def validate_params(params: Any) -> dict:
     """Check the whole params tree, and every (experiment, profile) combination resolved."""
     _mapping(params, "params")
@@ -510,6 +524,7 @@ def validate_params(params: Any) -> dict:
             raise ConfigError(f"optional_datasets[{i}]", d, "is already in datasets")
     # An experiment may only use a dataset a prepare stage makes.
     ctx["datasets"] = datasets + optional
+    _validate_data_variants(params["data_variants"], ctx["datasets"])
 
     experiments = _mapping(params["experiments"], "experiments")
     if not experiments:

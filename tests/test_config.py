@@ -266,3 +266,12 @@ def test_stage_unknown_experiment(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "A3_nope" in proc.stderr and "A2_mnist_mlp" in proc.stderr
+
+
+def test_data_variants_name_a_pinned_release_for_every_prepared_dataset(params):
+    bad = copy.deepcopy(params)
+    del bad["data_variants"]["cifar10"]
+    expect(bad, "data_variants.cifar10", "official", "reconstructed-shared")
+    bad = copy.deepcopy(params)
+    bad["data_variants"]["cifar10"] = "mine"
+    expect(bad, "data_variants.cifar10", "'mine'", "reconstructed-shared")

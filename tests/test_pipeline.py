@@ -214,3 +214,18 @@ def test_dvc_plots_overlay_the_rules_of_each_experiment(tmp_path, monkeypatch):
     assert (tmp_path / "plots" / "B2.csv").read_text().splitlines() == [
         "curve,epoch,train_loss,test_acc,n_seeds", "bp_width15,1,2.0,45.0,2", "fa_width15,1,,40.0,2",
         "fa_width100,1,,50.0,2"]
+
+
+def test_prepare_stops_on_raw_data_of_another_release_and_writes_nothing(tmp_path):
+    """data_variants is prepare's parameter: raw files of another pinned release are a user error."""
+    need_data()
+    import yaml
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data_variants"]["cifar10"] = "official"  # the shared disk holds the reconstruction
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BPFREE_DATA_DIR": str(DATA_DIR), "BPFREE_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "cifar10"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "data_variants.cifar10 is 'official'" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "data" / "prepared" / "cifar10").exists()
