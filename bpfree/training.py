@@ -360,6 +360,12 @@ def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: tor
     return net, autocast
 
 
+def _loss_precision(out: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least: half-precision logits (autocast) are cast up, float64 ones
+    (the parity tests' nets) kept, so a float64 step is float64 throughout."""
+    return out if out.dtype == torch.float64 else out.float()
+
+
 def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None,
                       loss_weight=None):
     """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
@@ -373,7 +379,7 @@ def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(xb)
-        loss = F.cross_entropy(out.float(), yb)
+        loss = F.cross_entropy(_loss_precision(out), yb)
         total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
     (total if loss_weight is None else total * loss_weight).backward()
     handle.before_step()

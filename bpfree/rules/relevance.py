@@ -5,7 +5,11 @@ parameter receives its share as feedback F; the trainer sees grad = -F, so any o
 works unchanged. Equations (claims.md E), for a layer z_j = sum_i w_ij a_i + b_j:
 
 - reward at the output (pluggable): r = z o (onehot(y) - softmax(z)); with the trainer's
-  mean cross-entropy the incoming gradient is g = (softmax - onehot) / B, so r = -z o g.
+  mean cross-entropy the incoming gradient is g = (softmax - onehot) / B, so r = -z o g
+  (option reward_scale "mean", the default), or B times that, one reward per sample as the
+  authors' SoftmaxLossReward gives (reward_scale "sum"): their feedback is summed over the
+  batch. With reward_scale "sum" and clip_update_norm 3.0, one training step equals the
+  authors' Trainer.lfp_step (tests/test_lfprop_parity.py, against lfprop 1.0.0).
 - LFP-eps / LFP-0: s_j = r_j / (z_j + eps sign(z_j)) (sign(0) = +1); r_i = a_i sum_j w_ij s_j;
   F_ij = |w_ij| a_i s_j, F_bj = |b_j| s_j.
 - LFP-alpha-beta (alpha - beta = 1) and LFP-z+z-: the message from neuron j to input i is
@@ -70,19 +74,30 @@ def negative_gradient_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
 REWARDS = {"softmax_loss": softmax_loss_reward, "negative_gradient": negative_gradient_reward}
 
 
+REWARD_SCALES = ("mean", "sum")
+
+
 class _OutputReward(torch.autograd.Function):
-    """Identity in the forward pass; turns the loss gradient at the output into the reward."""
+    """Identity in the forward pass; turns the loss gradient at the output into the reward.
+
+    reward_scale "mean": the reward read off the mean loss, i.e. the per-sample reward / B;
+    "sum": the per-sample reward itself, which the authors' SoftmaxLossReward hands to every
+    sample (lfprop 1.0.0, rewards/reward_functions.py), so feedback is summed over the batch.
+    """
 
     @staticmethod
-    def forward(ctx, z, reward_name):
+    def forward(ctx, z, reward_name, reward_scale="mean"):
         ctx.save_for_backward(z)
-        ctx.reward_name = reward_name
+        ctx.reward_name, ctx.reward_scale = reward_name, reward_scale
         return z.view_as(z)
 
     @staticmethod
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
-        return REWARDS[ctx.reward_name](z, grad), None
+        reward = REWARDS[ctx.reward_name](z, grad)
+        if ctx.reward_scale == "sum":  # undo the mean loss's 1/B: each sample's own reward
+            reward = reward * z.shape[0]
+        return reward, None, None
 
 
 class _PassReward(torch.autograd.Function):
@@ -298,7 +313,7 @@ class LayerwiseFeedbackPropagation(Rule):
 
     variant = "eps"
     feedback_replaces_weight = False
-    defaults = {"eps": 1e-6, "reward": "softmax_loss", "clip_update_norm": None}
+    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
     def validate_options(self) -> None:
         o = self.options
@@ -310,6 +325,9 @@ class LayerwiseFeedbackPropagation(Rule):
         clip = o["clip_update_norm"]
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip <= 0):
             raise ValueError(f"rule {self.name!r}: clip_update_norm must be a number > 0 or null")
+        if o.get("reward_scale", "mean") not in REWARD_SCALES:
+            raise ValueError(f"rule {self.name!r}: reward_scale must be one of {', '.join(REWARD_SCALES)}, "
+                             f"got {o['reward_scale']!r}")
 
     def config(self) -> tuple:
         return (self.variant, float(self.options.get("eps", 0.0)), float(self.options.get("alpha", 1.0)),
@@ -347,7 +365,7 @@ class LayerwiseFeedbackPropagation(Rule):
 
     def _output_hook(self, module, inputs, output):
         if self._on() and isinstance(output, torch.Tensor):
-            return _OutputReward.apply(output, self.options["reward"])
+            return _OutputReward.apply(output, self.options["reward"], self.options["reward_scale"])
         return output
 
     def _activation_hook(self, module, inputs, output):
@@ -380,21 +398,21 @@ class LFPZero(LayerwiseFeedbackPropagation):
 
     name = "lfp0"
     variant = "eps"
-    defaults = {"reward": "softmax_loss", "clip_update_norm": None}
+    defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
 
 @register_rule
 class LFPEpsilon(LayerwiseFeedbackPropagation):
     name = "lfp_eps"
     variant = "eps"
-    defaults = {"eps": 1e-6, "reward": "softmax_loss", "clip_update_norm": None}
+    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
 
 @register_rule
 class LFPAlphaBeta(LayerwiseFeedbackPropagation):
     name = "lfp_ab"
     variant = "alpha_beta"
-    defaults = {"alpha": 2.0, "beta": 1.0, "reward": "softmax_loss", "clip_update_norm": None}
+    defaults = {"alpha": 2.0, "beta": 1.0, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
     def validate_options(self) -> None:
         super().validate_options()
@@ -408,4 +426,4 @@ class LFPAlphaBeta(LayerwiseFeedbackPropagation):
 class LFPZPlusZMinus(LayerwiseFeedbackPropagation):
     name = "lfp_zpzm"
     variant = "zplus_zminus"
-    defaults = {"reward": "softmax_loss", "clip_update_norm": None}
+    defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
