@@ -242,10 +242,17 @@ def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
 
 def load_summaries(results_dir: str | Path = "results") -> dict[str, dict]:
     """Every profile's summary present under results/ (committed cpu/gpu ones included)."""
+    if not Path(results_dir).is_dir():
+        raise ClaimsError(f"results directory {results_dir} not found: give --results the folder that "
+                          f"holds <profile>/summary.json (default: results)")
     out = {}
     for path in sorted(Path(results_dir).glob("*/summary.json")):
-        with open(path) as fh:
-            out[path.parent.name] = json.load(fh)
+        try:
+            with open(path) as fh:
+                out[path.parent.name] = json.load(fh)
+        except ValueError as error:
+            raise ClaimsError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}; truncated?): "
+                              f"rebuild it with `python -m stages.evaluate --profile {path.parent.name}`") from None
     return out
 
 

@@ -65,8 +65,19 @@ def cmd_list(args) -> int:
 def cmd_claims(args) -> int:
     from bpfree.claims import PROBLEM_STATUSES, evaluate_all, load_claims, load_summaries, row_status
 
-    claims = [c for c in load_claims() if args.profile in (None, c.profile)]
-    results = evaluate_all(claims, load_summaries(args.results))
+    from bpfree.claims import ClaimsError
+    all_claims = load_claims()
+    profiles = sorted({c.profile for c in all_claims})
+    if args.profile is not None and args.profile not in profiles:
+        raise ClaimsError(f"--profile: unknown profile {args.profile!r}; claims are checked in {', '.join(profiles)}")
+    claims = [c for c in all_claims if args.profile in (None, c.profile)]
+    summaries = load_summaries(args.results)
+    checked = {c.profile for c in claims} & set(summaries)
+    if not checked:
+        raise ClaimsError(f"no <profile>/summary.json under {args.results} for "
+                          f"{args.profile or ', '.join(profiles)}: nothing would be checked (run the "
+                          f"pipeline, or give --results the folder that holds the summaries)")
+    results = evaluate_all(claims, summaries)
     rows, problems = [], 0
     for result in results:
         for row in result.rows:
@@ -293,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # dvc's own options pass through
+    from bpfree.claims import ClaimsError
     from bpfree.config import ConfigError
     from bpfree.data import DataError
     try:
         return args.run(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, ClaimsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

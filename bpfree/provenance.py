@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +31,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; results are shared files (a Docker run as root writes
+        # into the user's checkout), so give them the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -117,8 +117,8 @@ def main(argv: list[str]) -> int:
         if not torch.cuda.is_available():
             raise ConfigError(f"profiles.{profile}.{args.experiment}.device", "cuda",
                               "no CUDA device on this machine; use profile smoke or cpu here")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
+        ensure_writable(folder)
     not_run.unlink(missing_ok=True)
     device = select_device(runs[0]["device"])
     data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
@@ -181,6 +181,19 @@ def main(argv: list[str]) -> int:
         log(f"[{profile}] {args.experiment}: {differ} run(s) differ from their committed metrics "
             f"(see above; `git diff results/` shows them)")
     return 0
+
+
+def ensure_writable(folder) -> None:
+    """Create the folder and prove a file can be written there, or stop with one line."""
+    import tempfile
+    from bpfree.config import ConfigError
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(str(folder), None, f"cannot write results here ({error.strerror}); give "
+                          f"--results/--checkpoints a writable folder or fix its permissions") from None
 
 
 def not_run_reason(exp: dict, profile: str, experiment: str) -> str | None:

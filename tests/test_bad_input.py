@@ -1,0 +1,58 @@
+"""Bad input ends in one line naming the problem and the fix, exit code 2, before any work,
+with nothing written. One row per case: a reviewer extends this by adding a row.
+
+Each row: (case, command line after `python`, text the error line must contain). `{tmp}`
+stands for a fresh temporary folder; commands run from the repository root.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["-m", "stages.train", "A2_mnist_mlp", "--profile", "smoke", "--results", "{tmp}/results",
+         "--checkpoints", "{tmp}/checkpoints"]
+
+ROWS = [
+    ("train: unknown experiment", ["-m", "bpfree.cli", "train", "Z9_nothing", "--profile", "smoke"], "Z9_nothing"),
+    ("train: unknown rule", TRAIN + ["--rules", "zz"], "zz"),
+    ("train: no run has that seed", TRAIN + ["--seeds", "99"], "99"),
+    ("train: unknown profile", TRAIN[:3] + ["--profile", "laptop"] + TRAIN[5:], "laptop"),
+    ("train: the results folder cannot be written", TRAIN[:5] + ["--results", "{tmp}/a-file"] + TRAIN[7:],
+     "cannot write results"),
+    ("claims: unknown profile", ["-m", "bpfree.cli", "claims", "--profile", "nosuch"], "unknown profile 'nosuch'"),
+    ("claims: results folder absent", ["-m", "bpfree.cli", "claims", "--results", "{tmp}/nonexistent"], "not found"),
+    ("claims: a truncated summary.json", ["-m", "bpfree.cli", "claims", "--results", "{tmp}/truncated"],
+     "not valid JSON"),
+    ("claims: no summary for the profile", ["-m", "bpfree.cli", "claims", "--profile", "gpu", "--results",
+                                            "{tmp}/empty"], "nothing would be checked"),
+    ("verify: unknown experiment", ["-m", "bpfree.cli", "verify", "--experiment", "Z9_nothing"], "Z9_nothing"),
+    ("verify: unknown profile", ["-m", "bpfree.cli", "verify", "--profile", "laptop"], "laptop"),
+    ("prepare: unknown dataset", ["-m", "stages.prepare", "imagenet22k"], "imagenet22k"),
+    ("repro: unknown profile", ["-m", "bpfree.cli", "repro", "--profile", "tpu"], "unknown profile"),
+]
+
+
+def setup_folder(tmp: Path) -> None:
+    (tmp / "a-file").write_text("not a folder\n")
+    (tmp / "truncated" / "cpu").mkdir(parents=True)
+    (tmp / "truncated" / "cpu" / "summary.json").write_text('{"experiments": {"A1_mnist_lenet": ')
+    (tmp / "empty" / "cpu").mkdir(parents=True)
+    (tmp / "empty" / "cpu" / "summary.json").write_text(json.dumps({"experiments": {}}))
+
+
+@pytest.mark.parametrize("case,argv,fragment", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, fragment, tmp_path):
+    setup_folder(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BPFREE_OFFLINE": "1", "BPFREE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, *[a.replace("{tmp}", str(tmp_path)) for a in argv]], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"{case}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: {proc.stderr[-2000:]}"
+    assert fragment in lines[0], f"{case}: {lines[0]!r} lacks {fragment!r}"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, f"{case}: files were written"
