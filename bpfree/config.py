@@ -496,8 +496,6 @@ def _validate_data_variants(variants: Any, datasets: list[str]) -> None:
             raise ConfigError(f"data_variants.{name}", None, "every dataset names the raw release it is "
                               "prepared from", sorted(load_pins().get(name, {}).get("variants", {})))
         _choice(variants[name], f"data_variants.{name}", sorted(load_pins().get(name, {}).get("variants", {})))
-    for name in variants:
-        _choice(name, f"data_variants.{name}", datasets)
 
 
 def validate_params(params: Any) -> dict:

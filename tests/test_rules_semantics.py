@@ -348,10 +348,15 @@ def test_kp_drives_weight_feedback_mismatch_to_zero():
     assert loss.item() < first_loss
 
 
-@pytest.mark.parametrize("decay", [0, 0.0, -0.1])
-def test_kp_rejects_non_positive_decay(decay):
+@pytest.mark.parametrize("decay", [-0.1, -1, True])
+def test_kp_rejects_negative_decay(decay):
     with pytest.raises(ValueError, match="decay"):
         bpfree.apply_rule(nn.Linear(3, 2), "kp", decay=decay)
+
+
+def test_kp_accepts_no_decay_as_the_reference_code_ran_it():
+    handle = bpfree.apply_rule(nn.Linear(3, 2), "kp", decay=0)  # tests/test_rules_reference.py checks it
+    assert handle.rule.decay == 0.0
 
 
 @pytest.mark.parametrize(
