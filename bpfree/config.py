@@ -9,11 +9,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bpfree.losses import LOSSES
 
 PARAMS_FILE = "params.yaml"
 # The profile a stage runs when none is named: the one plain `dvc repro` (dvc.yaml) runs.
@@ -46,7 +49,7 @@ EXPERIMENT_KEYS = {
     "batch_size": True, "epochs": True, "seeds": True, "val_size": True, "selection": True,
     "preprocess": False, "diagnostics": False, "data_seed": False, "notes": False,
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
-    "pruning": False, "transfer": False,
+    "pruning": False, "transfer": False, "loss": False, "loader": False,
 }
 TOP_KEYS = {"datasets": True, "optional_datasets": False, "data_variants": True, "experiments": True,
             "profiles": True}
@@ -103,6 +106,8 @@ def _positive(v, path) -> float:
         raise ConfigError(path, v, "must be a number")
     if not v > 0:
         raise ConfigError(path, v, "must be > 0")
+    if not math.isfinite(v):
+        raise ConfigError(path, v, "must be finite")
     return float(v)
 
 
@@ -203,7 +208,9 @@ def _validate_rules(rules, path, rule_names) -> None:
 def _validate_optimizer(o, path) -> None:
     _mapping(o, path)
     _keys(o, {"name": True, "lr": True, "momentum": False, "weight_decay": False,
-              "nesterov": False, "betas": False, "clip_grad_norm": False}, path)
+              "nesterov": False, "betas": False, "clip_grad_norm": False, "bias_lr_scale": False}, path)
+    if o.get("bias_lr_scale") is not None:
+        _positive(o["bias_lr_scale"], f"{path}.bias_lr_scale")
     if o.get("clip_grad_norm") is not None:
         _positive(o["clip_grad_norm"], f"{path}.clip_grad_norm")
     name = _choice(o["name"], f"{path}.name", OPTIMIZERS)
@@ -273,6 +280,13 @@ def _validate_experiment(exp, path, ctx) -> None:
           f"{path}.preprocess")
     _int(pre.get("crop_padding", 0), f"{path}.preprocess.crop_padding", 0)
     _bool(pre.get("flip", False), f"{path}.preprocess.flip")
+    if exp.get("loss") is not None:
+        _choice(exp["loss"], f"{path}.loss", tuple(LOSSES))
+    if exp.get("loader") is not None:
+        loader = _mapping(exp["loader"], f"{path}.loader")
+        _keys(loader, {"shuffle": False, "drop_last": False}, f"{path}.loader")
+        for key in loader:
+            _bool(loader[key], f"{path}.loader.{key}")
     if exp.get("pruning") is not None:
         pr = _mapping(exp["pruning"], f"{path}.pruning")
         _keys(pr, {"methods": True, "step": False, "test_images": False, "relevance_batch": False},

@@ -42,7 +42,7 @@ __all__ = [
     "register_model",
 ]
 
-INIT_SCHEMES = ("default", "xavier_uniform", "normal_inverse_width")
+INIT_SCHEMES = ("default", "xavier_uniform", "normal_inverse_width", "normal_fan_sum")
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "identity", "step")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -103,6 +103,8 @@ def init_weights(model: nn.Module, scheme: str = "default", width: int | None = 
     the biotorch benchmark does; norms and embeddings keep their defaults.
     "normal_inverse_width" draws every weight from N(0, 1/width) with zero biases, the
     init of Robertson & Koyejo 2024's two-layer nets (width = the hidden width).
+    "normal_fan_sum" draws weights and biases alike from N(0, 1/(fan_in + fan_out)), as
+    Akrout et al.'s reference code does (fcnn/FCNN_BP.py:29-32).
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; valid schemes: {', '.join(INIT_SCHEMES)}")
@@ -114,6 +116,14 @@ def init_weights(model: nn.Module, scheme: str = "default", width: int | None = 
                 nn.init.normal_(module.weight, std=width ** -0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+    if scheme == "normal_fan_sum":
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                std = (fan_in + fan_out) ** -0.5
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.normal_(module.bias, std=std)
     if scheme == "xavier_uniform":
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

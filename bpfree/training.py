@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import distributed
+from bpfree.losses import LossFn, loss_function
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
 from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model, model_options
@@ -283,6 +284,23 @@ def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x.float().div(255.0), size=(size, size), mode="bilinear", align_corners=False)
 
 
+def parameter_groups(model: nn.Module, cfg: dict):
+    """The model's parameters, biases in a group of their own when `bias_lr_scale` is set.
+
+    Akrout et al.'s reference code steps weights by lr/batch x the batch sum of their
+    gradients but biases by lr/batch x the batch mean (fcnn/FCNN_BP.py:140-143, 185): a
+    bias learning rate 1/batch of the weights'. The weights' group comes first, so
+    param_groups[0]["lr"] stays the run's lr.
+    """
+    scale = cfg.get("bias_lr_scale")
+    if scale is None or scale == 1:
+        return list(model.parameters())
+    named = list(model.named_parameters())
+    rest = [p for name, p in named if not name.endswith("bias")]
+    biases = [p for name, p in named if name.endswith("bias")]
+    return [{"params": rest}, {"params": biases, "lr": cfg["lr"] * scale}]
+
+
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if cfg["name"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
@@ -296,6 +314,14 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
 
 
 PER_BATCH_SCHEDULES = ("onecycle",)
+# How an epoch walks the training set, as torch's DataLoader names it. Akrout et al.'s code
+# reads MNIST in file order and never sees the last partial batch (FCNN_BP.py:103-106, 125).
+LOADER_DEFAULTS = {"shuffle": True, "drop_last": False}
+
+
+def epoch_order(n: int, shuffle: bool, generator: torch.Generator) -> torch.Tensor:
+    """The indices an epoch visits: a fresh permutation, or the stored order."""
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
 
 
 def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int = 1):
@@ -317,8 +343,8 @@ def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int 
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
-                   y: torch.Tensor) -> tuple[float | None, float | None]:
-    """(top-1 accuracy in percent, mean cross-entropy); (None, None) for an empty split."""
+                   y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float | None, float | None]:
+    """(top-1 accuracy in percent, mean loss); (None, None) for an empty split."""
     if len(y) == 0:
         return None, None
     was_training = model.training
@@ -328,7 +354,8 @@ def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
     for i in range(0, len(y), EVAL_BATCH):
         out = model(images.prepare(x[i:i + EVAL_BATCH]))
         correct += (out.argmax(1) == y[i:i + EVAL_BATCH]).sum()
-        loss_sum += F.cross_entropy(out.float(), y[i:i + EVAL_BATCH], reduction="sum").double()
+        yb = y[i:i + EVAL_BATCH]
+        loss_sum += loss_fn(out.float(), yb).double() * len(yb)
     model.train(was_training)
     return 100.0 * correct.item() / len(y), loss_sum.item() / len(y)
 
@@ -367,19 +394,20 @@ def _loss_precision(out: torch.Tensor) -> torch.Tensor:
 
 
 def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None,
-                      loss_weight=None):
+                      loss_weight=None, loss_fn: LossFn = F.cross_entropy):
     """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
 
     before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
     uses it (the full-batch diagnostics measure that exact update). `autocast` (a context
     factory, e.g. bf16 autocast) covers the forward and the losses, not the backward or the
     rule's post-step work, as torch's AMP recipe does. `loss_weight` scales what is
-    back-propagated (a data-parallel rank's short shard). Returns (loss, logits).
+    back-propagated (a data-parallel rank's short shard); `loss_fn` is the batch-mean
+    training loss (bpfree.losses). Returns (loss, logits).
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else contextlib.nullcontext():
         out = model(xb)
-        loss = F.cross_entropy(_loss_precision(out), yb)
+        loss = loss_fn(_loss_precision(out), yb)
         total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
     (total if loss_weight is None else total * loss_weight).backward()
     handle.before_step()
@@ -557,13 +585,18 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     model = build_model(run["model"]["name"], num_classes=images.num_classes,
                         **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
-    optimizer = build_optimizer(model.parameters(), run["optimizer"])  # after apply_rule: KP adds B
+    # after apply_rule: KP adds B
+    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])
+    loss_fn = loss_function(run.get("loss"))
     net, autocast = speed_setup(model, images, run.get("speed") or {}, device, ranks)
     n = len(images.y_train)
     bs = int(run["batch_size"])
     if ranks is not None and bs % ranks.world:
         raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
-    scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, int(run["epochs"]))
+    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
+    steps = n // bs if loader["drop_last"] and n >= bs else (n + bs - 1) // bs
+    n_used = min(n, steps * bs)  # images an epoch trains on
+    scheduler = build_scheduler(optimizer, run["schedule"], steps, int(run["epochs"]))
     per_batch_schedule = run["schedule"]["name"] in PER_BATCH_SCHEDULES
     clip = run["optimizer"].get("clip_grad_norm")
     order_gen = torch.Generator().manual_seed(seed)
@@ -575,7 +608,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     augment_gen = None
     if crop_padding or flip:
         augment_gen = torch.Generator(device=device).manual_seed(seed + 1)  # own stream
-    full_batch = bs >= n and augment_gen is None
+    full_batch = bs >= n and augment_gen is None  # one batch, the whole set: order is moot
     full_index = distributed.shard(torch.arange(n, device=images.y_train.device), ranks)
     x_full = images.prepare(images.x_train[full_index]) if full_batch else None
     y_full = images.y_train[full_index] if full_batch else None
@@ -589,7 +622,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
 
     def diagnose(epoch, step_angles=None):
         if step_angles is None:
-            report = alignment_report(model, handle, F.cross_entropy, diag_x, diag_y)
+            report = alignment_report(model, handle, loss_fn, diag_x, diag_y)
         else:
             report = {"weight_feedback_angle_deg": weight_feedback_angles(handle),
                       "update_gradient_angle_deg": step_angles}
@@ -644,11 +677,10 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     bar = epoch_bar(epochs, run.get("run_id", run["rule"]["name"]), enabled=progress, initial=first_epoch - 1)
     model.train()
     for epoch in range(first_epoch, epochs + 1):
-        perm = None if full_batch else torch.randperm(n, generator=order_gen).to(device)
+        perm = None if full_batch else epoch_order(n, loader["shuffle"], order_gen).to(device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         lr = optimizer.param_groups[0]["lr"]
-        steps = (n + bs - 1) // bs
         warmup = min(WARMUP_STEPS, steps // 2) if epoch == 1 else 0
         diag_now = bool(diag_every) and epoch % diag_every == 0
         untimed = diag_now or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
@@ -656,8 +688,8 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
 
         def measure_update(xb, yb):
             nonlocal step_angles
-            step_angles = step_gradient_angles(model, handle, F.cross_entropy, xb, yb)
-        for step, i in enumerate(range(0, n, bs)):
+            step_angles = step_gradient_angles(model, handle, loss_fn, xb, yb)
+        for step, i in enumerate(range(0, n_used, bs)):
             token = timer.start()
             if full_batch:
                 xb, yb, global_count = x_full, y_full, n
@@ -670,7 +702,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
                 xb = images.prepare(xb)
             loss, out = optimisation_step(net, handle, optimizer, xb, yb, clip,
                                           measure_update if full_batch and diag_now else None, autocast,
-                                          distributed.loss_weight(len(yb), global_count, ranks))
+                                          distributed.loss_weight(len(yb), global_count, ranks), loss_fn)
             if per_batch_schedule:
                 scheduler.step()
             loss_sum += loss.detach().double() * len(yb)
@@ -678,7 +710,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
             timer.stop(token, keep=step >= warmup and not untimed)
         distributed.sum_(loss_sum)
         distributed.sum_(correct)
-        train_loss = (loss_sum / n).item()
+        train_loss = (loss_sum / n_used).item()
         if not math.isfinite(train_loss):
             status, diverged_epoch = STATUS_DIVERGED, epoch
             if log:
@@ -692,13 +724,13 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
         if epoch % log_every and epoch != epochs:
             save_resume_state(epoch)
             continue
-        val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val)
-        test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test)
+        val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val, loss_fn)
+        test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test, loss_fn)
         record = {
             "epoch": epoch,
             "lr": lr,
             "train_loss": train_loss,
-            "train_acc": 100.0 * correct.item() / n,
+            "train_acc": 100.0 * correct.item() / n_used,
             "val_acc": val_acc,
             "test_acc": test_acc,
             "test_loss": test_loss,
@@ -761,7 +793,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
 
 # Sources whose change can change a run's numbers (the train stage's code deps in dvc.yaml).
 CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "transfer.py", "metrics.py",
-                "models.py", "pruning.py", "rules", "data")
+                "models.py", "pruning.py", "losses.py", "rules", "data")
 
 
 def code_hash() -> str:

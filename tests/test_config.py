@@ -227,7 +227,7 @@ def test_rule_lr_override_and_hash():
     params = load_params(REPO / "params.yaml")
     runs = {r["run_id"]: r for r in run_configs(params, "A2_mnist_mlp", "cpu")}
     assert runs["wm_seed1111"]["optimizer"]["lr"] == 0.05
-    assert runs["kp_seed1111"]["rule"]["options"] == {"decay": 0.0}  # the reference code's reported run
+    assert runs["kp_seed1111"]["rule"]["options"] == {"init": "normal_fan_sum", "decay": 0.0}  # the reference code's reported run
     a, b = runs["bp_seed1111"], copy.deepcopy(runs["bp_seed1111"])
     assert config_hash(a, "d") == config_hash(b, "d")
     b["notes"] = "edited prose"  # prose does not change what a run computes

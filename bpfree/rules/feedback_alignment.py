@@ -16,7 +16,8 @@ from torch.nn.init import _calculate_fan_in_and_fan_out
 from bpfree.rules.base import Rule, _remove_state, padded_input, register_rule
 from bpfree.rules.functional import FeedbackConv2dFunction, FeedbackLinearFunction
 
-FEEDBACK_INITS = ("xavier_uniform", "kaiming_uniform")
+# normal_fan_sum: N(0, 1/(fan_in + fan_out)), Akrout et al.'s B (fcnn/FCNN_FA.py:30).
+FEEDBACK_INITS = ("xavier_uniform", "kaiming_uniform", "normal_fan_sum")
 
 
 @register_rule
@@ -38,6 +39,9 @@ def draw_like_weight(weight: torch.Tensor, init: str, generator) -> torch.Tensor
         nn.init.xavier_uniform_(tensor, generator=generator)
     elif init == "kaiming_uniform":
         nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+    elif init == "normal_fan_sum":
+        fan_in, fan_out = _calculate_fan_in_and_fan_out(tensor)
+        nn.init.normal_(tensor, std=(fan_in + fan_out) ** -0.5, generator=generator)
     else:  # validated earlier; kept for safety
         raise ValueError(f"unknown feedback init {init!r}; choices: {FEEDBACK_INITS}")
     return tensor
