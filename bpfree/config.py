@@ -276,8 +276,15 @@ def _validate_experiment(exp, path, ctx) -> None:
     _int(exp.get("data_seed", 0), f"{path}.data_seed", 0)
     pre = exp.get("preprocess", {}) or {}
     _mapping(pre, f"{path}.preprocess")
-    _keys(pre, {"normalize": False, "resize": False, "crop_padding": False, "flip": False},
-          f"{path}.preprocess")
+    _keys(pre, {"normalize": False, "resize": False, "crop_padding": False, "flip": False,
+                "mean": False, "std": False}, f"{path}.preprocess")
+    for key in ("mean", "std"):
+        if key in pre:
+            values = pre[key]
+            if not (isinstance(values, list) and values and all(_is_num(v) and math.isfinite(v) for v in values)):
+                raise ConfigError(f"{path}.preprocess.{key}", values, "must be a non-empty list of numbers (one per channel)")
+            if key == "std" and not all(v > 0 for v in values):
+                raise ConfigError(f"{path}.preprocess.std", values, "every value must be > 0")
     _int(pre.get("crop_padding", 0), f"{path}.preprocess.crop_padding", 0)
     _bool(pre.get("flip", False), f"{path}.preprocess.flip")
     if exp.get("loss") is not None:
@@ -289,8 +296,10 @@ def _validate_experiment(exp, path, ctx) -> None:
             _bool(loader[key], f"{path}.loader.{key}")
     if exp.get("pruning") is not None:
         pr = _mapping(exp["pruning"], f"{path}.pruning")
-        _keys(pr, {"methods": True, "step": False, "test_images": False, "relevance_batch": False},
-              f"{path}.pruning")
+        _keys(pr, {"methods": True, "step": False, "test_images": False, "relevance_batch": False,
+                   "layers": False}, f"{path}.pruning")
+        if "layers" in pr:
+            _choice(pr["layers"], f"{path}.pruning.layers", ("all", "conv"))
         from bpfree.pruning import METHODS
         if not isinstance(pr["methods"], list) or not pr["methods"]:
             raise ConfigError(f"{path}.pruning.methods", pr["methods"], "must be a non-empty list", METHODS)
@@ -439,8 +448,6 @@ def _validate_transfer(exp: dict, path: str, ctx: dict) -> None:
     for other in ("continual", "train_data", "sweep"):
         if exp.get(other):
             raise ConfigError(path, t, f"cannot be combined with {other}")
-    if exp["schedule"]["name"] == "onecycle":
-        raise ConfigError(f"{path}", t, "transfer steps schedules per epoch; OneCycle is per batch")
 
 
 def _validate_tuning(t, path) -> None:

@@ -19,10 +19,10 @@ from bpfree.data import split_mnist_tasks, task_subset, train_val_split
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
-from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe, augment_batch,
-                             build_optimizer, build_scheduler, data_hash, evaluate_split,
-                             normalisation, optimisation_step, resize_images, seed_everything,
-                             set_determinism)
+from bpfree.training import (PER_BATCH_SCHEDULES, STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe,
+                             augment_batch, build_optimizer, build_scheduler, data_hash, evaluate_split,
+                             normalisation, optimisation_step, parameter_groups, resize_images,
+                             seed_everything, set_determinism)
 
 VAL_FRACTION = 0.2
 
@@ -53,14 +53,13 @@ def task_generators(run: dict, seed: int, device) -> tuple[torch.Generator, torc
 def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augment_gen, *, task: int,
                epochs: int | None = None) -> tuple[list[dict], dict | None]:
     """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
-    optimizer = build_optimizer(model.parameters(), run["optimizer"])  # fresh per task
-    if run["schedule"]["name"] == "onecycle":
-        raise ValueError("the task-sequence trainer steps schedules per epoch; OneCycle is per batch")
-    scheduler = build_scheduler(optimizer, run["schedule"])
+    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])  # fresh per task
     crop = int(run["preprocess"].get("crop_padding", 0) or 0)
     flip = bool(run["preprocess"].get("flip", False))
     n, bs = len(images.y_train), int(run["batch_size"])
     epochs = int(run["epochs"] if epochs is None else epochs)
+    scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, epochs)
+    per_batch = run["schedule"]["name"] in PER_BATCH_SCHEDULES
     history = []
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=order_gen).to(images.y_train.device)
@@ -73,11 +72,13 @@ def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augmen
                 xb = augment_batch(xb, crop, flip, augment_gen)
             loss, _ = optimisation_step(model, handle, optimizer, images.prepare(xb), yb,
                                         run["optimizer"].get("clip_grad_norm"))
+            if per_batch:
+                scheduler.step()
             loss_sum += loss.detach().double() * len(idx)
         train_loss = (loss_sum / n).item()
         if not math.isfinite(train_loss):
             return history, {"task": task, "epoch": epoch}
-        if scheduler is not None:
+        if scheduler is not None and not per_batch:
             scheduler.step()
         if epoch == epochs:
             val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)

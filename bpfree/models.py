@@ -150,23 +150,35 @@ def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
 
 
 class Heaviside(nn.Module):
-    """Step activation 1[x > 0]. Its derivative is 0 almost everywhere, so plain gradient
-    descent sends no error through it; reward-based rules (LFP) pass through unchanged.
-    Optional Gaussian pre-activation noise (training only), as in the LFP step-net runs."""
+    """Step activation 1[x > 0] (lfprop's Step, where(x > 0, sign x, 0)). Its derivative is 0
+    almost everywhere, so plain gradient descent sends no error through it; reward-based
+    rules (LFP) pass through unchanged. Noise, where a protocol wants it, is InputNoise."""
 
     bpfree_activation = True
 
-    def __init__(self, noise_std: float = 0.0):
-        super().__init__()
-        self.noise_std = float(noise_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.noise_std > 0:
-            x = x + self.noise_std * torch.randn_like(x)
         return (x > 0).to(x.dtype) + 0.0 * x  # "+ 0 x": in the graph, with zero derivative
 
+
+class InputNoise(nn.Module):
+    """Gaussian noise N(0, std^2) added to what enters the next layer, in training only.
+
+    The LFP authors' NoisyWrapper (nbs/nondifferentiable-act/nondifferentiable-act_lenet.ipynb,
+    cell 9): the layer sees the noisy input, and a reward or gradient passes the sum
+    unchanged. Unlike pre-activation noise, it reaches units that are off.
+    """
+
+    def __init__(self, std: float = 0.0):
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.std > 0:
+            return x + self.std * torch.randn_like(x)
+        return x
+
     def extra_repr(self) -> str:
-        return f"noise_std={self.noise_std}"
+        return f"std={self.std}"
 
 
 class Add(nn.Module):
@@ -334,18 +346,26 @@ def vgg_gap(
 
 # ------------------------------------------------------------------- step and spiking nets
 
-@register_model("step_lenet")
-def step_lenet(num_classes: int = 10, in_channels: int = 1, noise_std: float = 0.1,
-               init: str = "default") -> nn.Module:
-    """LeNet-5 (32x32 inputs) with Heaviside step activations and Gaussian pre-activation
-    noise (training only): the LFP paper's step-activation net (E4)."""
+@register_model("noisy_lenet")
+def noisy_lenet(num_classes: int = 10, in_channels: int = 1, noise_std: float = 0.1,
+                activation: str = "step", dropout: float = 0.5, init: str = "default") -> nn.Module:
+    """The LFP authors' NoisyLeNet (nondifferentiable-act_lenet.ipynb, cell 9): conv 16-16
+    (5x5, max-pool 2 each), fc 120-84 with dropout, on 28x28 MNIST (32x32 for 3 channels);
+    input noise (InputNoise) before every conv and linear layer, the raw image and the
+    output layer included. Their step is where(x > 0, sign x, 0): our Heaviside."""
+    def act() -> nn.Module:
+        return make_activation(activation)
     layers = OrderedDict(
-        conv1=nn.Conv2d(in_channels, 6, kernel_size=5), step1=Heaviside(noise_std), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(6, 16, kernel_size=5), step2=Heaviside(noise_std), pool2=nn.MaxPool2d(2),
-        conv3=nn.Conv2d(16, 120, kernel_size=5), step3=Heaviside(noise_std), flatten=nn.Flatten(),
-        fc1=nn.Linear(120, 84), step4=Heaviside(noise_std), classifier=nn.Linear(84, num_classes),
+        noise1=InputNoise(noise_std), conv1=nn.Conv2d(in_channels, 16, 5), act1=act(), pool1=nn.MaxPool2d(2, 2),
+        noise2=InputNoise(noise_std), conv2=nn.Conv2d(16, 16, 5), act2=act(), pool2=nn.MaxPool2d(2, 2),
+        flatten=nn.Flatten(),
+        noise3=InputNoise(noise_std), fc1=nn.Linear(256 if in_channels == 1 else 400, 120), act3=act(),
+        drop1=nn.Dropout(dropout),
+        noise4=InputNoise(noise_std), fc2=nn.Linear(120, 84), act4=act(), drop2=nn.Dropout(dropout),
+        noise5=InputNoise(noise_std), classifier=nn.Linear(84, num_classes),
     )
-    return init_weights(ImageSizeCheckedSequential(layers, (32, 32)), init)
+    size = (28, 28) if in_channels == 1 else (32, 32)
+    return init_weights(ImageSizeCheckedSequential(layers, size), init)
 
 
 SURROGATES = ("atan", "none")

@@ -3,7 +3,8 @@
 Why functions over a trained model rather than a training mode: the paper prunes models
 AFTER training, without fine-tuning, and compares how accuracy falls; the same code must
 serve every rule's checkpoints, so it only needs the model, a scoring rule and an
-evaluation function. Pruning is applied to the Linear/Conv2d weights (not biases) and
+evaluation function. Pruning is applied to the Linear/Conv2d weights (not biases), or to
+the Conv2d weights only as the LFP authors' pruning notebook does (layers "conv"), and
 always undone, so the model is left exactly as it was.
 """
 from __future__ import annotations
@@ -15,11 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
+# Which layers a pruning curve prunes. "conv": the authors' E3 curves, layers = [m for m in
+# model.modules() if isinstance(m, Conv2d)] (cifar10-cifar100-eval-clusterresults-pruning.ipynb).
+LAYER_SETS = {"all": PRUNABLE, "conv": (nn.Conv2d,)}
 METHODS = ("global_magnitude", "layer_magnitude", "relevance")
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
+def prunable_layers(model: nn.Module, layers: str = "all") -> list[tuple[str, nn.Module]]:
+    if layers not in LAYER_SETS:
+        raise ValueError(f"unknown layer set {layers!r}; choices: {', '.join(LAYER_SETS)}")
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_SETS[layers])]
 
 
 def gini(values: torch.Tensor) -> float:
@@ -54,23 +60,24 @@ def relevance_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 
 
 def pruning_masks(model: nn.Module, fraction: float, method: str,
-                  scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  scores: dict[str, torch.Tensor] | None = None,
+                  layers: str = "all") -> dict[str, torch.Tensor]:
     """Boolean keep-masks that remove `fraction` of the weights with the smallest score.
 
-    global_magnitude: one threshold on |w| over all layers; layer_magnitude: the same
-    fraction in every layer; relevance: one threshold over all layers on `scores`.
+    global_magnitude: one threshold on |w| over the pruned layers; layer_magnitude: the same
+    fraction in every layer; relevance: one threshold over the pruned layers on `scores`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choices: {', '.join(METHODS)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    layers = prunable_layers(model)
+    pruned = prunable_layers(model, layers)
     if method == "relevance":
         if scores is None:
             raise ValueError("relevance pruning needs scores (see relevance_scores)")
-        score = {name: scores[name] for name, _ in layers}
+        score = {name: scores[name] for name, _ in pruned}
     else:
-        score = {name: m.weight.detach().abs() for name, m in layers}
+        score = {name: m.weight.detach().abs() for name, m in pruned}
     if method == "layer_magnitude":
         return {name: _keep_largest(s, fraction) for name, s in score.items()}
     flat = torch.cat([s.reshape(-1) for s in score.values()])
@@ -97,21 +104,21 @@ def _keep_largest(score: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def pruning_curve(model: nn.Module, evaluate: Callable[[nn.Module], float], method: str,
                   fractions: Iterable[float] = tuple(i / 20 for i in range(20)),
-                  scores: dict[str, torch.Tensor] | None = None) -> list[dict]:
+                  scores: dict[str, torch.Tensor] | None = None, layers: str = "all") -> list[dict]:
     """Accuracy (whatever `evaluate` returns) after pruning each fraction, without fine-tuning."""
-    layers = dict(prunable_layers(model))
-    original = {name: m.weight.detach().clone() for name, m in layers.items()}
+    pruned = dict(prunable_layers(model, layers))
+    original = {name: m.weight.detach().clone() for name, m in pruned.items()}
     curve = []
     try:
         for fraction in fractions:
-            masks = pruning_masks(model, fraction, method, scores)
+            masks = pruning_masks(model, fraction, method, scores, layers)
             with torch.no_grad():
-                for name, m in layers.items():
+                for name, m in pruned.items():
                     m.weight.copy_(original[name] * masks[name])
             curve.append({"fraction": float(fraction), "value": float(evaluate(model))})
     finally:
         with torch.no_grad():
-            for name, m in layers.items():
+            for name, m in pruned.items():
                 m.weight.copy_(original[name])
     return curve
 

@@ -34,7 +34,8 @@ def claims_table(results: list[ClaimResult]) -> str:
 
 
 def sweep_table(summary: dict | None, spec: dict) -> str:
-    """Rows = sweep values, columns = rules, cells = mean ± standard error (n repeats)."""
+    """Rows = sweep values, columns = rules, cells = mean ± standard error (n repeats); with
+    `per_seed: true` each seed's value follows in brackets, so one dead seed cannot hide in a mean."""
     missing = _not_run_text(summary, spec)
     if missing:
         return missing
@@ -55,7 +56,11 @@ def sweep_table(summary: dict | None, spec: dict) -> str:
         else:
             text = f"{stats['mean']:.{digits}f} ± {stats['se']:.{digits}f}" if stats["n"] > 1 \
                 else f"{stats['mean']:.{digits}f}"
-            cells[(value, rule)] = text + ("" if stats["n"] == total else f" ({stats['n']}/{total})")
+            text += "" if stats["n"] == total else f" ({stats['n']}/{total})"
+            if spec.get("per_seed"):
+                per_seed = (entry.get("scalars") or {}).get(spec["metric"]) or {}
+                text += " [" + " / ".join(f"{v:.{digits}f}" for v in per_seed.values() if v is not None) + "]"
+            cells[(value, rule)] = text
     values = (exp.get("sweep") or {}).get("values", [])
     label = (exp.get("sweep") or {}).get("param", "sweep").rsplit(".", 1)[-1]
     rows = [[v] + [cells.get((v, r), "—") for r in rules] for v in values]

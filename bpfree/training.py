@@ -160,12 +160,19 @@ def _as_index(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.long)
 
 
-def normalisation(data, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dataset's per-channel mean and std, shaped (1, C, 1, 1), on the device."""
+def normalisation(data, device, preprocess: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std, shaped (1, C, 1, 1), on the device: the training set's, or
+    the constants an authors' transform fixes (preprocess mean / std, e.g. Normalize(0.5, 0.5))."""
     channels = data.x_train.shape[1]
-    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
-    std = torch.as_tensor(data.std, dtype=torch.float32, device=device).reshape(1, channels, 1, 1)
-    return mean, std
+    preprocess = preprocess or {}
+    stats = []
+    for key, measured in (("mean", data.mean), ("std", data.std)):
+        value = preprocess.get(key, measured)
+        value = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+        if value.numel() != channels:
+            raise ValueError(f"preprocess.{key}: {value.numel()} values for {channels}-channel images")
+        stats.append(value.reshape(1, channels, 1, 1))
+    return stats[0], stats[1]
 
 
 def subset_indices(run: dict, n_train: int, n_test: int, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +277,7 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
     x_tr, x_va, x_te = take(data.x_train, tr_idx), take(data.x_train, va_idx), take(data.x_test, test_idx)
     resize = run["preprocess"].get("resize")
     x_tr, x_va, x_te = (resize_images(x, resize) for x in (x_tr, x_va, x_te))
-    mean, std = normalisation(data, device)
+    mean, std = normalisation(data, device, run["preprocess"])
     return DeviceSplits(
         x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
         bool(run["preprocess"].get("normalize", True)), num_classes, draw,

@@ -221,7 +221,8 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     curves = {}
     for method in spec["methods"]:
         curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test)[0],
-                                       method, fractions, scores if method == "relevance" else None)
+                                       method, fractions, scores if method == "relevance" else None,
+                                       spec.get("layers", "all"))
     result = {"checkpoint_sha256": digest, "run_config_hash": metrics["config_hash"], "spec": spec,
               "test_images": n_test, "test_draw": TEST_DRAW, "device": str(device), "curves": curves, "gini": layer_gini(model)}
     atomic_write_json(cache, result)

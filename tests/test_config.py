@@ -275,3 +275,12 @@ def test_data_variants_name_a_pinned_release_for_every_prepared_dataset(params):
     bad = copy.deepcopy(params)
     bad["data_variants"]["cifar10"] = "mine"
     expect(bad, "data_variants.cifar10", "'mine'", "reconstructed-shared")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mean", "0.5", "one per channel"), ("mean", [], "one per channel"),
+    ("std", [0.0], "> 0"), ("std", [float("nan")], "one per channel"),
+])
+def test_fixed_normalisation_constants_are_checked(params, key, value, message):
+    params["experiments"]["E4_mnist_step_lenet"]["preprocess"][key] = value
+    expect(params, f"experiments.E4_mnist_step_lenet.preprocess.{key}", message)

@@ -279,3 +279,27 @@ def test_batchnorm_is_a_per_channel_linear_map():
     torch.testing.assert_close(x.grad, x.detach() * bn.weight.detach().reshape(1, -1, 1, 1) * inv * s)
     torch.testing.assert_close(-bn.weight.grad, bn.weight.detach().abs() * (x_hat * s).sum((0, 2, 3)))
     torch.testing.assert_close(-bn.bias.grad, bn.bias.detach().abs() * s.sum((0, 2, 3)))
+
+
+def _lfp_sign_flips(momentum: float) -> float:
+    from bpfree.pruning import sign_flip_fraction
+    from bpfree.training import optimisation_step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_rule(model, "lfp_eps", reward_scale="sum")
+    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=momentum)
+    x = torch.randn(640, 20)
+    y = x[:, :5].argmax(1)
+    for _ in range(3):
+        for i in range(0, len(y), 32):
+            optimisation_step(model, handle, opt, x[i:i + 32], y[i:i + 32])
+    return sign_flip_fraction(before, model.state_dict())
+
+
+def test_the_authors_step_can_flip_a_sign():
+    """E5's sign check can fail: w <- w (1 + eta sign(w) a s) keeps every sign at small steps
+    without momentum, but with the authors' transfer step (per-sample reward, lr 0.005,
+    momentum 0.9, batch 32) the carried steps outgrow small weights and cross 0."""
+    assert _lfp_sign_flips(momentum=0.0) == 0.0
+    assert _lfp_sign_flips(momentum=0.9) > 0.005

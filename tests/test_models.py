@@ -296,3 +296,24 @@ def test_init_weights_default_keeps_weights():
     before = [p.clone() for p in model.parameters()]
     assert init_weights(model, "default") is model
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_noisy_lenet_is_the_authors_net():
+    """NoisyLeNet (LFP notebook, cell 9): 16-16 convs, 256-120-84-10, noise before every layer
+    in training only, step units."""
+    from bpfree.models import Heaviside, InputNoise
+    torch.manual_seed(0)
+    model = build_model("noisy_lenet", num_classes=10, noise_std=0.1)
+    names = [n for n, _ in model.named_children()]
+    layers = [n for n, m in model.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in layers:  # every conv and linear layer has its noise right before it
+        assert isinstance(getattr(model, names[names.index(layer) - 1]), InputNoise)
+    assert [getattr(model, n).weight.shape[0] for n in layers] == [16, 16, 120, 84, 10]
+    assert sum(isinstance(m, Heaviside) for m in model.modules()) == 4
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # no noise, no dropout at evaluation
+    model.train()
+    assert not torch.equal(model.noise1(x), x)
+    with pytest.raises(ValueError, match="28, 28"):
+        model(torch.randn(2, 1, 32, 32))

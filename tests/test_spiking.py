@@ -49,18 +49,6 @@ def test_spiking_nets_count_spikes_and_train_by_each_route(name, shape):
     assert torch.count_nonzero(grads["lfp"]) > 0 and torch.isfinite(grads["lfp"]).all()
 
 
-def test_step_lenet_noise_only_in_training():
-    torch.manual_seed(0)
-    model = build_model("step_lenet", 10, noise_std=0.1)
-    x = torch.rand(2, 1, 32, 32)
-    model.eval()
-    assert torch.equal(model(x), model(x))
-    model.train()
-    torch.manual_seed(1)
-    a = model(x)
-    torch.manual_seed(2)
-    assert not torch.equal(a, model(x))
-
 
 def test_unknown_surrogate_is_rejected():
     with pytest.raises(ValueError, match="surrogate"):

@@ -89,7 +89,7 @@ def test_a_missing_or_extra_epoch_is_a_difference():
 
 
 def test_step_and_spiking_networks_get_the_wider_measured_bounds():
-    committed = run(config={"model": {"name": "step_lenet"}})
+    committed = run(config={"model": {"name": "noisy_lenet"}})
     reproduced = copy.deepcopy(committed)
     reproduced["history"][1]["test_acc"] += 9 * 100 / 512  # 9 images: seen across CPU kernels
     reproduced["final_test_acc"] = reproduced["best_test_acc_test_selected"] = reproduced["history"][1]["test_acc"]

@@ -17,14 +17,21 @@ def conv_net() -> nn.Module:
                          nn.Flatten(), nn.Linear(5, 3))
 
 
-MODELS = {"mlp": (mlp, (10,)), "conv": (conv_net, (2, 8, 8))}
+def step_net(step: type = nn.Identity) -> nn.Module:
+    """E4's kind of net: step activations between conv, max-pool and linear layers. The step
+    module is the caller's: lfprop's Step in the reference run, our Heaviside in the test."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), step(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(36, 6), step(), nn.Dropout(0.0), nn.Linear(6, 3))
 
 
-def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+MODELS = {"mlp": (mlp, (10,)), "conv": (conv_net, (2, 8, 8)), "step": (step_net, (1, 8, 8))}
+
+
+def build(name: str, **options) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The float64 net with seeded weights, and a batch (x, y)."""
     make, shape = MODELS[name]
     gen = torch.Generator().manual_seed(SEED)
-    model = make().double()
+    model = make(**options).double()
     with torch.no_grad():
         for p in model.parameters():  # biases drawn too: the eps rule gives them feedback
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)

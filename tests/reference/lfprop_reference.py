@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from lfprop.model.activations import Step
 from lfprop.propagation import propagator_lxt
 from lfprop.rewards import reward_functions
 
@@ -45,7 +46,7 @@ def main():
         for eps in (1e-6, 0.0):
             if eps == 0.0 and name == "conv":
                 continue  # lfprop gives NaN where an average pool's output is exactly 0 (ours: 0)
-            model, x, y = build(name)
+            model, x, y = build(name, **({"step": Step} if name == "step" else {}))
             fb = feedback(model, x, y, eps)
             record[f"{name}/eps{eps:g}/feedback"] = fb
             if eps == 0.0:
