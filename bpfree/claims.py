@@ -527,8 +527,8 @@ def row_status(claim: Claim, row: Row) -> str:
     known = claim.known_failures.get(row.rule) or claim.known_failures.get(row.rule.split(" vs ")[0])
     if row.verdict == PASS:
         return "now passes" if known else "pass"
-    if row.verdict == FAIL and known:
-        return "known failure"
+    if row.verdict in (FAIL, DIVERGED) and known:
+        return "known failure"  # a divergence explained in known_failures, like a FAIL
     if row.verdict == NOT_RUN:
         return "not run"
     return "new failure"

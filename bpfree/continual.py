@@ -19,10 +19,10 @@ from bpfree.data import split_mnist_tasks, task_subset, train_val_split
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule
-from bpfree.training import (PER_BATCH_SCHEDULES, STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe,
-                             augment_batch, build_optimizer, build_scheduler, data_hash, evaluate_split,
-                             normalisation, optimisation_step, parameter_groups, resize_images,
-                             seed_everything, set_determinism)
+from bpfree.training import (PER_BATCH_SCHEDULES, STATUS_DIVERGED, STATUS_OK,
+                             DeviceSplits, _json_safe, augment_batch, build_optimizer, build_scheduler,
+                             data_hash, evaluate_split, exploded, normalisation, optimisation_step,
+                             parameter_groups, resize_images, seed_everything, set_determinism)
 
 VAL_FRACTION = 0.2
 
@@ -60,7 +60,7 @@ def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augmen
     epochs = int(run["epochs"] if epochs is None else epochs)
     scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, epochs)
     per_batch = run["schedule"]["name"] in PER_BATCH_SCHEDULES
-    history = []
+    history, first_loss = [], None
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=order_gen).to(images.y_train.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=images.y_train.device)
@@ -76,8 +76,9 @@ def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augmen
                 scheduler.step()
             loss_sum += loss.detach().double() * len(idx)
         train_loss = (loss_sum / n).item()
-        if not math.isfinite(train_loss):
-            return history, {"task": task, "epoch": epoch}
+        first_loss = train_loss if first_loss is None else first_loss
+        if exploded(train_loss, first_loss):
+            return history, {"task": task, "epoch": epoch, "train_loss": train_loss}
         if scheduler is not None and not per_batch:
             scheduler.step()
         if epoch == epochs:

@@ -466,6 +466,45 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
+# A run has DIVERGED from the first epoch whose mean training loss is non-finite, exceeds
+# DIVERGENCE_FACTOR times its first epoch's, or exceeds LOSS_BOUND nats (every training loss
+# here is a cross-entropy: ln 10 = 2.3 at a uniform guess, so 100 nats means the true class
+# gets e^-100 on average): selection never reaches past it and the run feeds no table,
+# whatever epoch a best-validation pick would land on. A run whose loss rose past
+# UNSTABLE_FACTOR times the first epoch's and stayed under both bounds is unstable: counted,
+# and flagged. (The A1 DFA and C2 BackMAN runs that motivated the rule reached 5.7e2 to 1e17.)
+DIVERGENCE_FACTOR = 100.0
+LOSS_BOUND = 100.0
+UNSTABLE_FACTOR = 10.0
+
+
+def exploded(loss: float, first: float | None) -> bool:
+    """Whether one epoch's training loss breaks the divergence rule above."""
+    return (not math.isfinite(loss) or loss > LOSS_BOUND
+            or (first is not None and 0 < first * DIVERGENCE_FACTOR < loss))
+
+
+def loss_instability(epochs: list[int], losses: list[float | None]) -> dict:
+    """{diverged_epoch, unstable_epoch, peak_ratio} of a run's recorded training losses, per
+    the rule above; the reference is the first recorded epoch's loss."""
+    out = {"diverged_epoch": None, "unstable_epoch": None, "peak_ratio": None, "loss": None}
+    first = next((v for v in losses if v is not None), None)
+    peak = 0.0
+    for epoch, loss in zip(epochs, losses):
+        if loss is None:
+            continue
+        if exploded(loss, first):
+            out["diverged_epoch"], out["loss"] = epoch, loss
+            out["peak_ratio"] = loss / first if math.isfinite(loss) and first else None
+            return out
+        if first > 0:
+            peak = max(peak, loss / first)
+            if out["unstable_epoch"] is None and loss > UNSTABLE_FACTOR * first:
+                out["unstable_epoch"] = epoch
+    out["peak_ratio"] = peak if first else None
+    return out
+
+
 def _select(history: list[dict], selection: str) -> dict:
     """Which epoch's test accuracy is reported, plus the two alternatives, clearly labelled."""
     if not history:
@@ -649,6 +688,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     if ignored and log:
         log(f"  resume file {resume_path}: {ignored}")
     first_epoch, resumed_at, elapsed_before = 1, [], 0.0
+    first_loss = None  # the first epoch's training loss, the divergence rule's reference
     if saved is not None:
         _load_model_state(model, saved["model"], device)
         optimizer.load_state_dict(saved["optimizer"])
@@ -659,6 +699,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
             tracker.load_state(saved["conservation"])
         _rng_restore(device, generators, saved["rng"])
         history, diagnostics, timer.samples = saved["history"], saved["diagnostics"], saved["step_ms"]
+        first_loss = saved.get("first_loss")
         resumed_at, elapsed_before = saved["resumed_at"] + [saved["epoch"]], saved["elapsed_s"]
         first_epoch = saved["epoch"] + 1
         if log:
@@ -671,7 +712,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
             return
         timer.flush()
         resume.save({
-            "epoch": epoch, "resumed_at": resumed_at,
+            "epoch": epoch, "resumed_at": resumed_at, "first_loss": first_loss,
             "elapsed_s": elapsed_before + time.perf_counter() - wall0,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -718,10 +759,11 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
         distributed.sum_(loss_sum)
         distributed.sum_(correct)
         train_loss = (loss_sum / n_used).item()
-        if not math.isfinite(train_loss):
+        first_loss = train_loss if first_loss is None else first_loss
+        if exploded(train_loss, first_loss):
             status, diverged_epoch = STATUS_DIVERGED, epoch
             if log:
-                log(f"  epoch {epoch}: training loss {train_loss}, run DIVERGED")
+                log(f"  epoch {epoch}: training loss {train_loss} (first epoch {first_loss}), run DIVERGED")
             break
         if scheduler is not None and not per_batch_schedule:
             scheduler.step()

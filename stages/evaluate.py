@@ -174,6 +174,26 @@ def pruning_test_indices(total: int, n_test: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n_test].sort().values
 
 
+def recorded_stability(metrics: dict) -> dict:
+    """The divergence rule (bpfree.training.loss_instability) applied to a run's recorded
+    training losses, so committed runs are judged by it without re-training; task-sequence
+    runs are judged task by task (each task starts from its own first epoch)."""
+    from bpfree.training import loss_instability
+    curves = metrics.get("curves") or {}
+    if curves.get("train_loss"):
+        return loss_instability(curves["epoch"], curves["train_loss"])
+    history = [h for h in metrics.get("history") or [] if "train_loss" in h]
+    worst = loss_instability([], [])
+    for task in sorted({h.get("task") for h in history}, key=str):
+        rows = [h for h in history if h.get("task") == task]
+        found = loss_instability([h["epoch"] for h in rows], [h["train_loss"] for h in rows])
+        if found["diverged_epoch"] is not None:
+            return {**found, "task": task} if task is not None else found
+        if found["unstable_epoch"] is not None and worst["unstable_epoch"] is None:
+            worst = {**found, "task": task} if task is not None else found
+    return worst
+
+
 def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -> dict | None:
     """Pruning curves of a run's checkpoint (no fine-tuning), cached next to its metrics.
 
@@ -342,8 +362,14 @@ def summarise(params: dict, profile: str) -> dict:
             if metrics.get("config_hash") != expected:
                 entry_["status"][seed] = "STALE"  # produced by another config: never mixed in
                 continue
-            entry_["status"][seed] = metrics["status"]
-            if metrics["status"] == "OK" and not (run.get("continual") or run.get("transfer")):
+            status = metrics["status"]
+            stability = recorded_stability(metrics)
+            if status == "OK" and stability["diverged_epoch"] is not None:
+                status = "DIVERGED"  # the loss exploded and came back: still diverged (training.py)
+            if stability["diverged_epoch"] is not None or stability["unstable_epoch"] is not None:
+                entry_.setdefault("loss_instability", {})[seed] = stability
+            entry_["status"][seed] = status
+            if status == "OK" and not (run.get("continual") or run.get("transfer")):
                 # (task sequences log per task; their figures are the task matrices)
                 group = run["run_id"].rsplit("_seed", 1)[0]
                 finished.setdefault(exp_id, {}).setdefault(group, []).append(metrics)

@@ -269,3 +269,34 @@ def test_fixed_normalisation_constants(mnist):
     torch.testing.assert_close(splits.prepare(x), x.float() / 255 * 2 - 1)
     with pytest.raises(ValueError, match="preprocess.mean: 3 values for 1-channel"):
         device_splits(mnist, mlp_run(preprocess={"normalize": True, "mean": [0.5, 0.5, 0.5], "std": [1.0]}), "cpu")
+
+
+@pytest.mark.parametrize("losses, diverged, unstable", [
+    ([2.3, 0.5, 0.1], None, None),            # a healthy run
+    ([1.0, 50.0, 0.5], None, 2),              # spiked 50x and came back: unstable, counted
+    ([1.0, 200.0, 0.5], 2, None),             # 200x: diverged, recovery does not undo it
+    ([150.0, 3e4, 2e4], 1, None),             # above 100 nats from the first epoch (A1 DFA 2022)
+    ([2.3, float("nan")], 2, None),
+])
+def test_divergence_rule(losses, diverged, unstable):
+    from bpfree.training import loss_instability
+    found = loss_instability(list(range(1, len(losses) + 1)), losses)
+    assert (found["diverged_epoch"], found["unstable_epoch"]) == (diverged, unstable)
+
+
+def test_a_recorded_explosion_is_diverged_at_evaluation():
+    """Committed runs are judged by the rule from their recorded losses, whatever their status
+    says; task-sequence runs task by task."""
+    from stages.evaluate import recorded_stability
+    curves = {"epoch": [1, 10, 20], "train_loss": [0.3, 4e4, 0.1]}
+    assert recorded_stability({"curves": curves, "history": []})["diverged_epoch"] == 10
+    tasks = [{"task": 1, "epoch": 1, "train_loss": 0.5}, {"task": 2, "epoch": 1, "train_loss": 2.0},
+             {"task": 2, "epoch": 2, "train_loss": 0.4}]
+    assert recorded_stability({"history": tasks})["diverged_epoch"] is None  # 2.0 is task 2's start
+
+
+def test_training_stops_when_the_loss_explodes(mnist):
+    run = mlp_run(optimizer={"name": "sgd", "lr": 40.0, "momentum": 0.9, "weight_decay": 0.0,
+                             "nesterov": False}, epochs=4)
+    m = train_run(run, mnist, "cpu")
+    assert m["status"] == STATUS_DIVERGED and m["epochs_completed"] < 4
