@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,53 @@ def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
     if not size or (x.shape[-1] == size and x.shape[-2] == size):
         return x
     return F.interpolate(x.float().div(255.0), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def check_batch_size(run: dict, n_train: int) -> None:
+    """A batch larger than the training set would silently train full-batch: refuse it, one line."""
+    from bpfree.config import ConfigError
+    bs = int(run["batch_size"])
+    if bs > n_train:
+        raise ConfigError("batch_size", bs, f"exceeds the {n_train} training images of run "
+                          f"{run.get('run_id', run['rule']['name'])}; for full-batch training set "
+                          f"batch_size: {n_train} (in the profile, for a profile's subset)")
+
+
+def preflight(runs: list[dict], data, device) -> None:
+    """Every run's batch size, model and rule options checked before the first run trains.
+
+    A sweep's bad point (a negative width, an LFNN delta above 1) or a batch larger than the
+    training set would otherwise fail, or silently change the protocol, only when reached,
+    after earlier points trained. Raises ConfigError naming the run. Models are built on the
+    CPU once per distinct (model, rule) configuration.
+    """
+    from bpfree.config import ConfigError
+    sizes, built = {}, set()
+    for run in runs:
+        if run.get("continual") or run.get("transfer"):
+            continue  # their task sets are cut per task (continual.task_images)
+        key = repr((run.get("train_subset"), run.get("test_subset"), run["val_size"], run.get("data_seed"),
+                    run.get("train_data"), run["preprocess"].get("resize"), run["seed"]))
+        if key not in sizes:
+            images = device_splits(data, run, device)
+            sizes[key] = (len(images.y_train), images)
+            del images
+        n_train, images = sizes[key]
+        sizes[key] = (n_train, types.SimpleNamespace(num_classes=images.num_classes, vocab_size=images.vocab_size))
+        check_batch_size(run, n_train)
+        spec = repr((run["model"], run["rule"]))
+        if spec in built:
+            continue
+        built.add(spec)
+        options = dict(run["model"]["options"])
+        try:
+            options = run_model_options(run, sizes[key][1])
+            model = build_model(run["model"]["name"], num_classes=sizes[key][1].num_classes, **options)
+            apply_rule(model, run["rule"]["name"], **run["rule"]["options"]).remove()
+        except (ValueError, TypeError, RuntimeError) as error:
+            where = f"run {run['run_id']}: model {run['model']['name']} {options}, rule {run['rule']['name']}"
+            raise ConfigError(where, run["rule"]["options"] or options,
+                              str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
 def parameter_groups(model: nn.Module, cfg: dict):
@@ -626,6 +674,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
     seed = int(run["seed"])
     images = device_splits(data, run, device)
+    check_batch_size(run, len(images.y_train))
 
     seed_everything(seed)  # before the model and the rule: both draw random numbers
     model = build_model(run["model"]["name"], num_classes=images.num_classes,

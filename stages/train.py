@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     from bpfree.config import DEFAULT_PROFILE, ConfigError, config_hash, load_params, resolve_experiment, run_configs
     from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
-    from bpfree.training import code_hash, data_hash, select_device
+    from bpfree.training import code_hash, data_hash, preflight, select_device
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()
@@ -117,11 +117,12 @@ def main(argv: list[str]) -> int:
         if not torch.cuda.is_available():
             raise ConfigError(f"profiles.{profile}.{args.experiment}.device", "cuda",
                               "no CUDA device on this machine; use profile smoke or cpu here")
+    device = select_device(runs[0]["device"])
+    data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
+    preflight(runs, data, device)  # every run's sizes, model and rule, before any of them trains
     for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
         ensure_writable(folder)
     not_run.unlink(missing_ok=True)
-    device = select_device(runs[0]["device"])
-    data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
     dhash, chash_code = data_hash(data.manifest), code_hash()
     log(f"[{profile}] {args.experiment}: {len(runs)} runs on {device}")
     bar = run_bar(len(runs), args.experiment, enabled=LEADER)

@@ -56,3 +56,32 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, fragment, t
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: {proc.stderr[-2000:]}"
     assert fragment in lines[0], f"{case}: {lines[0]!r} lacks {fragment!r}"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, f"{case}: files were written"
+
+
+# Cases that need an edited params.yaml and the prepared MNIST: (case, experiment, edit of the
+# smoke profile's entry, text the error line must contain). The stage runs in a folder holding
+# the edited params.yaml and a link to the prepared data.
+PARAMS_ROWS = [
+    ("a batch larger than the training set", "A2_mnist_mlp", {"batch_size": 4096}, "exceeds the 512 training images"),
+    ("a negative width at a later sweep point", "B2_noisy_mnist_width", {"sweep_values": [15, -30]}, "width-30"),
+    ("an LFNN leader fraction above 1 at a later sweep point", "D3_mnist_delta", {"sweep_values": [0.3, 1.5]},
+     "delta"),
+]
+
+
+@pytest.mark.parametrize("case,experiment,edit,fragment", PARAMS_ROWS, ids=[r[0] for r in PARAMS_ROWS])
+def test_bad_run_settings_stop_before_the_first_run(case, experiment, edit, fragment, tmp_path, mnist_dir):
+    import yaml
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["smoke"][experiment].update(edit)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "mnist").symlink_to(mnist_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BPFREE_OFFLINE": "1", "BPFREE_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "stages.train", experiment, "--profile", "smoke"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"{case}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: {proc.stderr[-2000:]}"
+    assert fragment in lines[0], f"{case}: {lines[0]!r} lacks {fragment!r}"
+    assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists(), f"{case}: wrote files"
