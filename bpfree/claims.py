@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 PROVENANCE_KINDS = ("table", "repo-output", "figure", "qualitative")
 KINDS = ("absolute", "relative", "comparison")
@@ -128,7 +126,11 @@ def _number(v) -> bool:
 
 def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
     """Papers and claims, validated: a malformed claim must not silently never be checked."""
-    raw = yaml.safe_load(Path(path).read_text())
+    from bpfree.config import ConfigError, load_yaml
+    try:
+        raw = load_yaml(path)  # a key given twice (two known_failures for one rule) is an error
+    except ConfigError as error:
+        raise ClaimsError(str(error)) from None
     _check(isinstance(raw, dict) and "claims" in raw and "papers" in raw, str(path),
            "needs top-level 'papers' and 'claims'")
     papers = raw["papers"]

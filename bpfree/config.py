@@ -600,18 +600,35 @@ def _check_resolved(exp: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- resolution
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
-    """Read and validate params.yaml; the only entry point stages use."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML would silently keep the last one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | os.PathLike):
+    """A YAML file's contents; errors name the file and line (not "<unicode string>")."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p) as fh:  # a named stream: the error marks say 'in "params.yaml", line N'
+            return yaml.load(fh, Loader=UniqueKeyLoader)
     except FileNotFoundError:
-        raise ConfigError(str(p), None, "params file not found") from None
-    try:
-        params = yaml.safe_load(text)
+        raise ConfigError(str(p), None, "file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), None, f"not valid YAML: {' '.join(str(exc).split())}") from None
-    return validate_params(params)
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    """Read and validate params.yaml; the only entry point stages use."""
+    return validate_params(load_yaml(path))
 
 
 def experiment_notes(path: str | os.PathLike = NOTES_FILE) -> dict[str, str]:

@@ -110,9 +110,8 @@ PROTOCOL_COLUMNS = ["setting", "paper", "authors' code", "ours", "why"]
 
 def load_protocols(path: str | Path = PROTOCOLS_FILE) -> dict[str, list[dict]]:
     """paper key -> protocol tables (setting | paper | authors' code | ours | why)."""
-    import yaml
-    with open(path) as fh:
-        protocols = yaml.safe_load(fh) or {}
+    from bpfree.config import load_yaml
+    protocols = load_yaml(path) or {}
     for key, tables in protocols.items():
         for table in tables:
             for row in table["rows"]:

@@ -585,23 +585,49 @@ class ResumeState:
     Loading uses weights_only=True: tensors and plain containers only, no code runs.
     """
 
-    def __init__(self, path, fingerprint: str, every_s: float = 0.0):
+    KEYS = ("epoch", "resumed_at", "elapsed_s", "model", "optimizer", "scheduler", "rule", "conservation",
+            "rng", "history", "diagnostics", "step_ms")
+
+    def __init__(self, path, fingerprint: str, every_s: float = 0.0, epochs: int | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.every_s = float(every_s)
+        self.epochs = epochs
         self._last = time.perf_counter()
 
     def load(self) -> tuple[dict | None, str | None]:
-        """(state, None), or (None, why the file was not continued); (None, None) if absent."""
+        """(state, None), or (None, why the file was not continued); (None, None) if absent.
+
+        A file that matches the run but cannot be continued (missing parts, an epoch the run
+        does not have, history beyond its epoch) is deleted, so a retry does not meet it again.
+        """
         if not self.path.is_file():
             return None, None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - an unreadable file costs only the epochs it held
-            return None, f"unreadable ({type(error).__name__}), starting afresh"
+            self.path.unlink(missing_ok=True)
+            return None, f"unreadable ({type(error).__name__}), deleted, starting afresh"
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             return None, "written for another config, data or code, starting afresh"
+        problem = self._problem(state)
+        if problem:
+            self.path.unlink(missing_ok=True)
+            return None, f"{problem}, deleted, starting afresh"
         return state, None
+
+    def _problem(self, state: dict) -> str | None:
+        missing = [k for k in self.KEYS if k not in state]
+        if missing:
+            return f"lacks {', '.join(missing)}"
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or epoch < 1 or (self.epochs is not None and epoch >= self.epochs):
+            return f"saved after epoch {epoch!r}, which this {self.epochs}-epoch run cannot continue from"
+        history = state["history"]
+        if not isinstance(history, list) or any(not isinstance(h, dict) or h.get("epoch", 0) > epoch
+                                                for h in history):
+            return f"its history does not end by epoch {epoch}"
+        return None
 
     def due(self) -> bool:
         return time.perf_counter() - self._last >= self.every_s
@@ -732,7 +758,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     status, diverged_epoch = STATUS_OK, None
     generators = {"order": order_gen, "augment": augment_gen}
     manifest = getattr(data, "manifest", {}) or {}
-    resume = ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s) if resume_path else None
+    resume = ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s, epochs) if resume_path else None
     saved, ignored = resume.load() if resume is not None else (None, None)
     if ignored and log:
         log(f"  resume file {resume_path}: {ignored}")
@@ -968,10 +994,21 @@ def _json_safe(obj):
     return obj
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
 def load_checkpoint_model(path, run: dict, splits: DeviceSplits, device) -> nn.Module:
     """Rebuild the plain model of a run from its checkpoint (rule state such as B is dropped:
     rules change only the backward pass, so the forward pass of the plain model is the same)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ValueError("no state_dict in it")
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by cause
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable ({detail}); delete it and re-run "
+                              f"`python -m stages.train {run.get('experiment', '<experiment>')}` for it") from None
     model = build_model(run["model"]["name"], num_classes=splits.num_classes,
                         **run_model_options(run, splits)).to(device)
     expected = model.state_dict()

@@ -205,7 +205,8 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json
     from bpfree.pruning import layer_gini, pruning_curve, relevance_scores
-    from bpfree.training import device_splits, evaluate_split, load_checkpoint_model, set_determinism
+    from bpfree.training import (CheckpointError, device_splits, evaluate_split, load_checkpoint_model,
+                                 set_determinism)
 
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
     # Not inside the run's directory: that belongs to the train stage.
@@ -230,7 +231,11 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     if key not in data_cache:
         data_cache[key] = load_prepared_data(str(PREPARED / run["dataset"]), device)
     images = device_splits(data_cache[key], run, device)
-    model = load_checkpoint_model(ckpt, run, images, device).eval()
+    try:
+        model = load_checkpoint_model(ckpt, run, images, device).eval()
+    except CheckpointError as error:
+        log(f"warning: {error}; no pruning curves for it")
+        return None
     pick = pruning_test_indices(len(images.y_test), spec.get("test_images", len(images.y_test)))
     n_test = len(pick)
     x_test, y_test = images.x_test[pick.to(images.x_test.device)], images.y_test[pick.to(images.y_test.device)]
@@ -276,8 +281,8 @@ def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = 
     (same config hash and recorded accuracy) is carried over, marked as such.
     """
     from bpfree.data import load_prepared_data
-    from bpfree.training import (accuracy, device_splits, load_checkpoint_model, select_device,
-                                 set_determinism)
+    from bpfree.training import (CheckpointError, accuracy, device_splits, load_checkpoint_model,
+                                 select_device, set_determinism)
 
     ckpt = checkpoints_dir(metrics["profile"], metrics["experiment"]) / f"{metrics['run_id']}.pt"
     if metrics["status"] != "OK":
@@ -302,7 +307,11 @@ def recheck(metrics: dict, run: dict, data_cache: dict, previous: dict | None = 
         data_cache[key] = load_prepared_data(str(PREPARED / run["dataset"]), device)
     data = data_cache[key]
     images = device_splits(data, run, device)
-    model = load_checkpoint_model(ckpt, run, images, device)
+    try:
+        model = load_checkpoint_model(ckpt, run, images, device)
+    except CheckpointError as error:
+        log(f"warning: {error}")
+        return {"checked": False, "reason": str(error), "unreadable": True}
     acc = accuracy(model, images, images.x_test, images.y_test)
     recorded = metrics["final_test_acc"]
     match = recorded is not None and abs(acc - recorded) <= RECHECK_TOLERANCE
@@ -392,6 +401,8 @@ def summarise(params: dict, profile: str) -> dict:
                 summary["mismatches"].append(f"{exp_id}/{run['run_id']}: checkpoint gives "
                                              f"{check['checkpoint_test_acc']}, metrics say "
                                              f"{check['recorded_final_test_acc']}")
+            if check.get("unreadable"):
+                summary["mismatches"].append(f"{exp_id}/{run['run_id']}: {check['reason']}")
         for rule, e in rules.items():
             ok = [s for s, st in e["status"].items() if st == "OK"]
             for key in ("selected_test_acc", "final_test_acc", "best_test_acc_test_selected"):

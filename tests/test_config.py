@@ -284,3 +284,18 @@ def test_data_variants_name_a_pinned_release_for_every_prepared_dataset(params):
 def test_fixed_normalisation_constants_are_checked(params, key, value, message):
     params["experiments"]["E4_mnist_step_lenet"]["preprocess"][key] = value
     expect(params, f"experiments.E4_mnist_step_lenet.preprocess.{key}", message)
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("datasets: [mnist]\ndatasets: [cifar10]\n", ["duplicate key 'datasets'", "params.yaml", "line 2"]),
+    ("experiments: {A: [1, 2}\n", ["not valid YAML", "params.yaml", "line 1"]),
+])
+def test_yaml_problems_name_the_file_and_line(tmp_path, text, fragments):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert "\n" not in msg and "<unicode string>" not in msg
+    for fragment in fragments:
+        assert fragment in msg, msg

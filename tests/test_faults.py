@@ -2,6 +2,8 @@
 import os
 import stat
 
+import pytest
+
 from bpfree.provenance import atomic_torch_save, atomic_write_json, atomic_write_text
 
 
@@ -18,3 +20,24 @@ def test_results_are_written_with_the_mode_a_plain_open_gives(tmp_path):
     for path in paths:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "run.pt", "table.md"]  # no temp files left
+
+
+def test_a_truncated_checkpoint_is_one_line_and_evaluation_goes_on(mnist, mnist_dir, tmp_path, monkeypatch):
+    """evaluate re-checks every checkpoint: a truncated one is reported (and listed with the
+    mismatches), not a traceback that leaves no summary."""
+    import stages.evaluate as evaluate
+    from bpfree.training import CheckpointError, device_splits, load_checkpoint_model, train_run
+    from tests.test_training import mlp_run
+    run = mlp_run(epochs=1)
+    ckpt = tmp_path / "checkpoints" / "smoke" / "X" / "bp_seed0.pt"
+    ckpt.parent.mkdir(parents=True)
+    metrics = train_run(run, mnist, "cpu", checkpoint_path=ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:500])  # a copy cut short
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_model(ckpt, run, device_splits(mnist, run, "cpu"), "cpu")
+    assert "\n" not in str(info.value) and "unreadable" in str(info.value)
+    monkeypatch.setattr(evaluate, "checkpoints_dir", lambda profile, exp: ckpt.parent)
+    monkeypatch.setattr(evaluate, "PREPARED", mnist_dir.parent)
+    check = evaluate.recheck({**metrics, "profile": "smoke", "experiment": "X", "run_id": "bp_seed0",
+                              "config_hash": "h"}, run, {})
+    assert check["checked"] is False and check["unreadable"] and "unreadable" in check["reason"]

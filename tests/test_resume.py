@@ -190,3 +190,24 @@ def test_resume_state_is_throttled_by_wall_time(mnist, tmp_path):
     assert not state.exists()  # no epoch ended an hour after the start
     train_run(mlp_run(epochs=3), mnist, "cpu", resume_path=state, resume_every_s=0)
     assert torch.load(state, weights_only=True)["epoch"] == 2  # the last epoch is never saved
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update(epoch=7), "cannot continue"),            # an epoch the run does not have
+    (lambda s: s.pop("history"), "lacks history"),               # a part missing
+    (lambda s: s["history"].append({"epoch": 9}), "history does not end"),
+])
+def test_a_matching_resume_file_with_bad_contents_is_dropped(mnist, tmp_path, damage, message):
+    """Fingerprint right, contents wrong: not continued (no run marked OK after fewer epochs, no
+    KeyError on every retry), deleted, and the run trains all its epochs from the start."""
+    run = mlp_run(epochs=3)
+    state = tmp_path / "state.pt"
+    train_run(run, mnist, "cpu", resume_path=state, resume_every_s=0)  # leaves the epoch-2 state
+    saved = torch.load(state, weights_only=True)
+    damage(saved)
+    torch.save(saved, state)
+    messages = []
+    m = train_run(run, mnist, "cpu", resume_path=state, log=messages.append)
+    assert m["resumed_after_epochs"] == [] and m["epochs_completed"] == 3
+    assert any(message in msg and "deleted" in msg for msg in messages), messages
+    _same_numbers(m, train_run(run, mnist, "cpu"))
