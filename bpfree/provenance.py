@@ -23,6 +23,11 @@ def _umask() -> int:
     return mask
 
 
+def default_file_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 at umask 022)."""
+    return 0o666 & ~_umask()
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +38,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         write(tmp)
         # mkstemp makes the file 0600; results are shared files (a Docker run as root writes
         # into the user's checkout), so give them the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -464,3 +464,20 @@ def test_corrupt_tokenizer_is_a_clear_error(tmp_path):
         data.load_prepared_text(tmp_path / "sick")
     with pytest.raises(DataError, match="cannot read the tokenizer"):
         data.load_prepared_text(tmp_path / "sick", verify=False)
+
+
+def test_a_pickle_swapped_after_its_check_is_never_unpickled(tmp_path):
+    """CIFAR batches are unpickled from the bytes whose sha256 the release check verified: a
+    file replaced between the check and the read is refused, not loaded."""
+    import hashlib
+    import pickle
+
+    from bpfree.data.errors import DataError
+    from bpfree.data.sources import _load_pickle
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"labels": [1, 2]}))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _load_pickle(path, digest) == {b"labels": [1, 2]}
+    path.write_bytes(pickle.dumps({b"labels": [3]}))
+    with pytest.raises(DataError, match="changed after its sha256 was verified"):
+        _load_pickle(path, digest)

@@ -41,3 +41,11 @@ def test_a_truncated_checkpoint_is_one_line_and_evaluation_goes_on(mnist, mnist_
     check = evaluate.recheck({**metrics, "profile": "smoke", "experiment": "X", "run_id": "bp_seed0",
                               "config_hash": "h"}, run, {})
     assert check["checked"] is False and check["unreadable"] and "unreadable" in check["reason"]
+
+
+def test_prepared_data_gets_the_umask_mode(mnist_dir):
+    """safetensors writes 0600 like mkstemp: prepared tensors get the mode open() would give,
+    so a Docker run as root leaves files the user can read."""
+    from bpfree.provenance import default_file_mode
+    for name in ("tensors.safetensors", "manifest.json"):
+        assert stat.S_IMODE(os.stat(mnist_dir / name).st_mode) == default_file_mode(), name

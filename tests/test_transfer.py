@@ -147,8 +147,8 @@ def test_pretrained_transfer_loads_every_weight_then_swaps_the_head(tmp_path, mo
     path = tmp_path / "weights" / "mlp-test.pth"
     path.parent.mkdir()
     torch.save(source.state_dict(), path)
-    prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-    fake = weights.PretrainedWeights("mlp_test", "mlp", {}, 10, "mlp-test.pth", "https://example.invalid", prefix)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    fake = weights.PretrainedWeights("mlp_test", "mlp", {}, 10, "mlp-test.pth", "https://example.invalid", digest)
     monkeypatch.setitem(weights.PRETRAINED, "mlp_test", fake)
     monkeypatch.setenv("BPFREE_DATA_DIR", str(tmp_path))
     run = tiny_run("bp", lr=1e-6)
@@ -183,3 +183,27 @@ def test_torchvision_resnet18_weights_load_strictly_into_the_imagenet_stem_model
     x = torch.randn(2, 3, 64, 64)
     reference.eval(), model.eval()
     assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_weights_are_pinned_by_their_whole_sha256(tmp_path, monkeypatch):
+    """A file whose sha256 shares the name's 8 hex digits but not the rest is refused: the
+    prefix torchvision checks is not a pin."""
+    import hashlib
+    from dataclasses import replace
+
+    from bpfree.data import ChecksumError
+    from bpfree.data import weights
+
+    monkeypatch.setenv("BPFREE_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert len(weights.PRETRAINED["resnet18_imagenet"].sha256) == 64
+    blob = b"stand-in weights"
+    digest = hashlib.sha256(blob).hexdigest()
+    spec = replace(weights.PRETRAINED["resnet18_imagenet"], file="w.pth", sha256=digest[:8] + "0" * 56)
+    monkeypatch.setitem(weights.PRETRAINED, "resnet18_imagenet", spec)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.pth").write_bytes(blob)
+    with pytest.raises(ChecksumError, match="is not"):
+        weights.locate_weights("resnet18_imagenet", tmp_path)
+    monkeypatch.setitem(weights.PRETRAINED, "resnet18_imagenet", replace(spec, sha256=digest))
+    assert weights.locate_weights("resnet18_imagenet", tmp_path).name == "w.pth"

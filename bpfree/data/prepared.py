@@ -24,6 +24,7 @@ from bpfree.data.checksums import sha256_file, verify_raw_files
 from bpfree.data.errors import DataError
 from bpfree.data.sources import ImageArrays, TextSplits, get_source, locate_raw
 from bpfree.data.tokenization import TOKENIZER_NAME, load_tokenizer, train_tokenizer
+from bpfree.provenance import default_file_mode
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -48,6 +49,9 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        # safetensors (like mkstemp) creates 0600; prepared data is shared (a Docker run as
+        # root writes into the user's checkout): the mode a plain open() would give.
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -105,7 +109,10 @@ def prepare_dataset(name: str, out_dir: Path | str, raw_dir: Path | str | None =
     source = get_source(name)
     raw_files = locate_raw(name, raw_dir)
     verified = verify_raw_files(name, raw_files, allow_unpinned=allow_unpinned)
-    data = source.read(raw_files)
+    if source.pickled:  # unpickle only the bytes the check above verified
+        data = source.read(raw_files, {key: entry["sha256"] for key, entry in verified.files.items()})
+    else:
+        data = source.read(raw_files)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ prepared.py's job.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -70,10 +71,13 @@ class RawSource:
     kind: str  # "images" or "text"
     description: str
     expected: tuple[str, ...]  # paths relative to the data dir; trailing "/" = a folder
-    read: Callable[[dict[str, Path]], ImageArrays | TextSplits]
+    read: Callable[..., ImageArrays | TextSplits]  # (files) or, if pickled, (files, digests)
     download: Callable[[Path], None]
     # Folders that hold the same files by base name (a distro package), tried after raw_dir.
     fallback_dirs: tuple[Path, ...] = field(default=())
+    # Pickled files (CIFAR): read(files, digests) unpickles exactly the bytes whose sha256 the
+    # release check verified, so a file swapped between the check and the read never unpickles.
+    pickled: bool = False
 
     def locate(self, raw_dir: Path) -> dict[str, Path] | None:
         candidates = [{key: raw_dir / key for key in self.expected}]
@@ -120,10 +124,13 @@ def read_mnist_layout(files: dict[str, Path], class_names: tuple[str, ...]) -> I
     )
 
 
-def _load_pickle(path: Path) -> dict:
-    """CIFAR batches are pickles; only called after their hashes matched a pinned release."""
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="bytes")
+def _load_pickle(path: Path, sha256: str | None = None) -> dict:
+    """CIFAR batches are pickles. Read once; with `sha256` (what the release check verified)
+    the very bytes that match it are unpickled, never a second read of the file."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{path} changed after its sha256 was verified; prepare again")
+    return pickle.loads(data, encoding="bytes")
 
 
 def _entry(batch: dict, key: str):
@@ -138,29 +145,33 @@ def _decode_names(names) -> tuple[str, ...]:
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
-def _cifar_arrays(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_arrays(paths: list[Path], label_key: str, digests: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
-    for path in paths:
-        batch = _load_pickle(path)
+    for path, digest in zip(paths, digests):
+        batch = _load_pickle(path, digest)
         xs.append(np.asarray(_entry(batch, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(_entry(batch, label_key), dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def read_cifar10(files: dict[str, Path]) -> ImageArrays:
-    root = "cifar-10-batches-py/"
-    x_train, y_train = _cifar_arrays([files[f"{root}data_batch_{i}"] for i in range(1, 6)], "labels")
-    x_test, y_test = _cifar_arrays([files[f"{root}test_batch"]], "labels")
-    names = _decode_names(_entry(_load_pickle(files[f"{root}batches.meta"]), "label_names"))
+def read_cifar10(files: dict[str, Path], digests: dict[str, str] | None = None) -> ImageArrays:
+    root, digests = "cifar-10-batches-py/", digests or {}
+    train = [f"{root}data_batch_{i}" for i in range(1, 6)]
+    x_train, y_train = _cifar_arrays([files[k] for k in train], "labels", [digests.get(k) for k in train])
+    test = f"{root}test_batch"
+    x_test, y_test = _cifar_arrays([files[test]], "labels", [digests.get(test)])
+    meta = f"{root}batches.meta"
+    names = _decode_names(_entry(_load_pickle(files[meta], digests.get(meta)), "label_names"))
     return ImageArrays(x_train, y_train, x_test, y_test, names)
 
 
-def read_cifar100(files: dict[str, Path]) -> ImageArrays:
+def read_cifar100(files: dict[str, Path], digests: dict[str, str] | None = None) -> ImageArrays:
     """Fine labels (100 classes), as in the papers that report CIFAR-100 accuracy."""
-    root = "cifar-100-python/"
-    x_train, y_train = _cifar_arrays([files[f"{root}train"]], "fine_labels")
-    x_test, y_test = _cifar_arrays([files[f"{root}test"]], "fine_labels")
-    names = _decode_names(_entry(_load_pickle(files[f"{root}meta"]), "fine_label_names"))
+    root, digests = "cifar-100-python/", digests or {}
+    train, test, meta = f"{root}train", f"{root}test", f"{root}meta"
+    x_train, y_train = _cifar_arrays([files[train]], "fine_labels", [digests.get(train)])
+    x_test, y_test = _cifar_arrays([files[test]], "fine_labels", [digests.get(test)])
+    names = _decode_names(_entry(_load_pickle(files[meta], digests.get(meta)), "fine_label_names"))
     return ImageArrays(x_train, y_train, x_test, y_test, names)
 
 
@@ -384,12 +395,14 @@ RAW_SOURCES: dict[str, RawSource] = {
                    "data_batch_4", "data_batch_5", "test_batch")),
             read_cifar10,
             partial(downloads.download_torchvision, "CIFAR10"),
+            pickled=True,
         ),
         RawSource(
             "cifar100", "images", "CIFAR-100 (fine labels), 50k/10k",
             ("cifar-100-python/meta", "cifar-100-python/test", "cifar-100-python/train"),
             read_cifar100,
             partial(downloads.download_torchvision, "CIFAR100"),
+            pickled=True,
         ),
         RawSource(
             "tiny_imagenet", "images", "Tiny-ImageNet-200, 100k train / 10k val (as test), 64x64",

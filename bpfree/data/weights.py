@@ -23,14 +23,17 @@ class PretrainedWeights:
     num_classes: int
     file: str
     url: str
-    sha256_prefix: str  # torchvision's own check: the file name carries the sha256's first hex digits
+    # The whole sha256, pinned: torchvision checks only the 8 hex digits in the file name. The
+    # value is the one many independent projects pin for this file (46,830,571 bytes).
+    sha256: str
 
 
 PRETRAINED: dict[str, PretrainedWeights] = {
     w.name: w for w in (
         PretrainedWeights("resnet18_imagenet", "resnet18", {"cifar_stem": False}, 1000,
                           "resnet18-f37072fd.pth",
-                          "https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd"),
+                          "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                          "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
     )
 }
 
@@ -66,11 +69,11 @@ def locate_weights(name: str, data_dir: Path | str | None = None, *, download: b
             + (f"Then download failed: {reason}.\n" if download else "")
             + f"Put {spec.file} (from {spec.url}) in {candidates[0].parent}.")
     digest = hashlib.sha256(found.read_bytes()).hexdigest()
-    if not digest.startswith(spec.sha256_prefix):
+    if digest != spec.sha256:
         raise ChecksumError(
-            f"{found}: sha256 {digest} does not start with {spec.sha256_prefix} (the published "
-            f"{spec.file}); the file is corrupt or another release. Delete it and fetch {spec.url}.",
-            [{"path": str(found), "actual_sha256": digest, "expected": [spec.sha256_prefix]}])
+            f"{found}: sha256 {digest} is not {spec.sha256} (the published {spec.file}); the file "
+            f"is corrupt or another release. Delete it and fetch {spec.url}.",
+            [{"path": str(found), "actual_sha256": digest, "expected": [spec.sha256]}])
     return found
 
 
