@@ -66,6 +66,9 @@ PARAMS_ROWS = [
     ("a negative width at a later sweep point", "B2_noisy_mnist_width", {"sweep_values": [15, -30]}, "width-30"),
     ("an LFNN leader fraction above 1 at a later sweep point", "D3_mnist_delta", {"sweep_values": [0.3, 1.5]},
      "delta"),
+    ("a BackMAN alpha list that fits only the first depth", "C2_mnist_depth",
+     {"experiments.C2_mnist_depth.rules.backman": {"lr": 0.005, "options": {"alpha": [1.0, 1.0, 1.0]}}},
+     "depth4"),
 ]
 
 
@@ -73,7 +76,12 @@ PARAMS_ROWS = [
 def test_bad_run_settings_stop_before_the_first_run(case, experiment, edit, fragment, tmp_path, mnist_dir):
     import yaml
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profiles"]["smoke"][experiment].update(edit)
+    for key, value in edit.items():  # "a.b.c": a path from the top of params.yaml; else a smoke key
+        *parents, last = key.split(".") if "." in key else ["profiles", "smoke", experiment, key]
+        target = params
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     (tmp_path / "data" / "prepared" / "mnist").symlink_to(mnist_dir)

@@ -299,3 +299,10 @@ def test_yaml_problems_name_the_file_and_line(tmp_path, text, fragments):
     assert "\n" not in msg and "<unicode string>" not in msg
     for fragment in fragments:
         assert fragment in msg, msg
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_learning_rate_must_be_finite(params, value):
+    """YAML's .inf passed as a positive number and was stored as null."""
+    params["experiments"]["A2_mnist_mlp"]["rules"]["fa"]["lr"] = value
+    expect(params, "experiments.A2_mnist_mlp.rules.fa.lr")
