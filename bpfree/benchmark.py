@@ -39,6 +39,7 @@ EXTRA_WORK = {
     "tp": "one no-grad forward of each block on noisy input, plus the inverses",
     "dtp": "one no-grad forward of each block on noisy input, plus the inverses",
     "lra": "two no-grad forwards of each block (noisy and clean), plus the error weights",
+    "lfnn_heads": "the worker heads (one Linear h -> workers x classes) and their per-sample leader/follower losses",
 }
 
 

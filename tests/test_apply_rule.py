@@ -34,7 +34,8 @@ def _is_mha_out(model, layer):
 def original_weights(model):
     """The model's own parameters, without state a rule adds (KP's B, LFNN's read-outs)."""
     return [(n, p) for n, p in model.named_parameters()
-            if not n.endswith(("feedback_weight", "lf_readout_weight", "lf_readout_bias"))]
+            if not n.endswith(("feedback_weight", "lf_readout_weight", "lf_readout_bias",
+                               "lfnn_heads.weight", "lfnn_heads.bias"))]
 
 
 def train_step(model, handle, x, y, lr=0.01):
@@ -66,8 +67,8 @@ def test_resnet18_every_layer_converted_and_trains(rule):
     handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
     assert handle.counts == scan
     assert len(handle.layers) == 21
-    assert {n for n, _ in handle.named_layers} == {
-        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    assert {n for n, _ in handle.named_layers} == {  # lfnn_heads' worker heads are its own, not converted
+        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.endswith("lfnn_heads")
     }
     assert all(m._bpfree_rule is handle.rule for m in handle.layers)
     x = torch.randn(2, 3, 32, 32)

@@ -21,6 +21,15 @@ TOLERANCE = 1e-10
 LAYERS = {"backbone": 0, "proj": 2, "global": 4}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets: one intra-op thread (several threads on busy cores made a 40-step run take seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference():
     with np.load(REFERENCE) as data:
@@ -176,6 +185,19 @@ def test_needs_a_linear_classifier_and_integer_labels():
     model(torch.randn(3, 12, dtype=torch.float64))
     with pytest.raises(ValueError, match="integer class labels"):
         handle.local_loss(torch.rand(3, 10))
+
+
+def test_a_resumed_model_continues_with_the_same_heads():
+    """The heads live in the model's state_dict; the rule itself has no other state to resume."""
+    torch.manual_seed(4)
+    model, twin = small_net(), small_net()
+    handle = bpfree.apply_rule(model, "lfnn_heads", workers=4)
+    twin_handle = bpfree.apply_rule(twin, "lfnn_heads", workers=4)
+    twin.load_state_dict(model.state_dict())  # raises on a missing or extra key
+    twin_handle.rule.load_resume_state(handle.rule.resume_state())
+    x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 10, (6,))
+    losses = [h.add_local_loss(F.cross_entropy(m(x), y), y) for m, h in ((model, handle), (twin, twin_handle))]
+    assert torch.equal(*losses)
 
 
 # ------------------------------------------------------------------------------------ training
