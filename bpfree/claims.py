@@ -301,6 +301,7 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
     missing = sorted(s for s, st in statuses.items() if st != "OK")
     if len(missing) == len(statuses):
         return _RuleData(NOT_RUN, f"no finished run ({', '.join(missing) or 'no seeds'})")
+    unstable = _unstable_text(entry)
     if metric not in METRICS or claim.kind == "comparison":  # per-run scalars
         stats = (entry.get("scalar_stats") or {}).get(metric)
         if not stats or stats.get("mean") is None:
@@ -309,8 +310,8 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
                     if v is not None and statuses.get(s) == "OK"}
         reason = (f"INCOMPLETE: {len(per_seed)} of {len(statuses)} seeds ran "
                   f"(missing {', '.join(missing)})") if missing else ""
-        return _RuleData("OK", reason=reason, mean=stats["mean"], std=stats["std"], n=stats["n"],
-                         per_seed=per_seed, se=stats.get("se"))
+        return _RuleData("OK", reason=_join(reason, unstable), mean=stats["mean"], std=stats["std"],
+                         n=stats["n"], per_seed=per_seed, se=stats.get("se"))
     stats_key, transform = METRICS[metric]
     stats = entry[stats_key]
     per_seed = {s: transform(v) for s, v in entry["selected_test_acc"].items() if v is not None}
@@ -319,8 +320,23 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
     # numbers behind NOT RUN would be less honest than showing them with their seed count.
     reason = (f"INCOMPLETE: {len(per_seed)} of {len(statuses)} seeds ran "
               f"(missing {', '.join(missing)})") if missing else ""
-    return _RuleData("OK", reason=reason, mean=stats["mean"], std=stats["std"], n=stats["n"],
+    return _RuleData("OK", reason=_join(reason, unstable), mean=stats["mean"], std=stats["std"], n=stats["n"],
                      per_seed=per_seed, best_test=None if best is None else transform(best))
+
+
+def _unstable_text(entry: dict) -> str:
+    """UNSTABLE seeds: their training loss rose 10-fold over the first epoch's and came back
+    under the divergence bounds (bpfree.training); counted, and said."""
+    flagged = {seed: x for seed, x in (entry.get("loss_instability") or {}).items()
+               if x.get("diverged_epoch") is None and x.get("unstable_epoch") is not None}
+    if not flagged:
+        return ""
+    return "UNSTABLE: " + ", ".join(f"seed {seed} (loss {x['peak_ratio']:.0f}x its first epoch's, from epoch "
+                                    f"{x['unstable_epoch']})" for seed, x in sorted(flagged.items()))
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def _notes(claim: Claim, summaries: dict, extra: list[str]) -> str:

@@ -61,3 +61,18 @@ def test_claim_reproduces(claim):
         pytest.skip(f"{claim.id}: rows not run: " + "; ".join(not_run))
     if expected:
         pytest.xfail(f"{claim.id}: known failures: " + "; ".join(expected))
+
+
+def test_an_unstable_seed_is_counted_and_said():
+    """A seed whose loss spiked 10-fold and recovered under the divergence bounds stays in the
+    numbers, and the row says which seed and how far."""
+    from bpfree.claims import _rule_data, load_registry
+    _, claims = load_registry()
+    claim = next(c for c in claims if c.id == "A1-mnist-lenet-error")
+    entry = {"status": {"1": "OK", "2": "OK"}, "selected_test_acc": {"1": 99.0, "2": 98.0},
+             "test_error_stats": {"mean": 1.5, "std": 0.7, "n": 2},
+             "loss_instability": {"2": {"diverged_epoch": None, "unstable_epoch": 40, "peak_ratio": 38.6}}}
+    summaries = {"cpu": {"experiments": {"A1_mnist_lenet": {"rules": {"fa": entry}}}}}
+    data = _rule_data(claim, "fa", summaries)
+    assert data.status == "OK" and data.n == 2
+    assert "UNSTABLE: seed 2 (loss 39x its first epoch's, from epoch 40)" in data.reason
