@@ -120,6 +120,12 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise ClaimsError(f"{where}: {msg}")
 
 
+def natural_key(text) -> list:
+    """Seeds and sweep points as numbers: 2 before 10, width 15 before 100 (JSON keys are strings)."""
+    import re
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text)) if t]
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -296,9 +302,9 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
         return _RuleData(NOT_RUN, f"rule {rule} not run in {claim.experiment} ({claim.profile})")
     statuses = entry.get("status", {})
     if any(s == "DIVERGED" for s in statuses.values()):
-        bad = sorted(s for s, st in statuses.items() if st == "DIVERGED")
+        bad = sorted((s for s, st in statuses.items() if st == "DIVERGED"), key=natural_key)
         return _RuleData(DIVERGED, f"seed(s) {', '.join(bad)} diverged")
-    missing = sorted(s for s, st in statuses.items() if st != "OK")
+    missing = sorted((s for s, st in statuses.items() if st != "OK"), key=natural_key)
     if len(missing) == len(statuses):
         return _RuleData(NOT_RUN, f"no finished run ({', '.join(missing) or 'no seeds'})")
     unstable = _unstable_text(entry)
@@ -332,7 +338,8 @@ def _unstable_text(entry: dict) -> str:
     if not flagged:
         return ""
     return "UNSTABLE: " + ", ".join(f"seed {seed} (loss {x['peak_ratio']:.0f}x its first epoch's, from epoch "
-                                    f"{x['unstable_epoch']})" for seed, x in sorted(flagged.items()))
+                                    f"{x['unstable_epoch']})"
+                                    for seed, x in sorted(flagged.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def _join(*parts: str) -> str:
@@ -371,7 +378,8 @@ def _reproduced(d: _RuleData) -> str:
 def _seeds(d: _RuleData) -> str:
     if not d.per_seed:
         return "—"
-    return f"{d.n} (" + ", ".join(f"{s}: {v:.2f}" for s, v in sorted(d.per_seed.items())) + ")"
+    return f"{d.n} (" + ", ".join(f"{s}: {v:.2f}" for s, v in sorted(d.per_seed.items(),
+                                                                       key=lambda kv: natural_key(kv[0]))) + ")"
 
 
 def _combine(verdicts: list[str]) -> str:

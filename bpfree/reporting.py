@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bpfree.claims import (CLAIMS_FILE, VERDICTS, ClaimResult, evaluate_all, load_registry,
+from bpfree.claims import (CLAIMS_FILE, VERDICTS, ClaimResult, evaluate_all, load_registry, natural_key,
                            load_summaries)
 from bpfree.provenance import atomic_write_text
 
@@ -199,7 +199,7 @@ def _runs_overview(summaries: dict[str, dict]) -> str:
                 statuses = Counter(e.get("status", {}).values())
                 rows.append([profile, exp_id, rule,
                              "—" if st.get("mean") is None else f"{st['mean']:.2f} ± {st['std']:.2f}",
-                             st.get("n", 0), ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+                             st.get("n", 0), ", ".join(f"{k} {v}" for k, v in sorted(statuses.items(), key=lambda kv: natural_key(kv[0]))),
                              "yes" if exp.get("shortened") else "no"])
     if not rows:
         return "_no summaries under results/ yet_"
@@ -209,7 +209,7 @@ def _runs_overview(summaries: dict[str, dict]) -> str:
 
 
 def _seeds_text(seeds: list[str]) -> str:
-    return ", ".join(sorted(seeds, key=lambda v: (len(v), v))) if len(seeds) <= 6 else f"{len(seeds)} seeds"
+    return ", ".join(sorted(seeds, key=natural_key)) if len(seeds) <= 6 else f"{len(seeds)} seeds"
 
 
 def provenance_table(summaries: dict[str, dict], used: list[tuple[str, str]], documented=()) -> str:
@@ -228,7 +228,7 @@ def provenance_table(summaries: dict[str, dict], used: list[tuple[str, str]], do
             finished[rule.split("@")[0]] = finished.get(rule.split("@")[0], set()) | set(ok)
             devices |= {e.get("device", {}).get(seed) for seed in ok}
             commits |= {e.get("commit", {}).get(seed) for seed in ok}
-        seeds = sorted(set().union(*finished.values())) if finished else []
+        seeds = sorted(set().union(*finished.values()), key=natural_key) if finished else []
         rows.append([profile, exp_id, ", ".join(sorted(finished)), _seeds_text(seeds),
                      "; ".join(sorted(d for d in devices if d)) or "—",
                      ", ".join(exp.get("data_variant") or []) or "—",

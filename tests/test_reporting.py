@@ -251,3 +251,9 @@ def test_protocol_tables_render_into_the_paper_page_and_reject_short_rows(tmp_pa
     bad.write_text("p:\n  - {experiment: X, title: t, rows: [[a, b, c]]}\n")
     with pytest.raises(ValueError, match="needs 5 cells"):
         load_protocols(bad)
+
+
+def test_seeds_and_sweep_points_sort_as_numbers():
+    from bpfree.claims import natural_key
+    assert sorted(["100", "15", "2", "width100", "width15"], key=natural_key) == \
+        ["2", "15", "100", "width15", "width100"]
