@@ -1,4 +1,6 @@
 """BackMAN against a float64 reference written from the paper's equations (claims.md C)."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,85 @@ def test_sgd_step_moves_each_neuron_by_lr_times_alpha():
     ({"alpha": [1.0, 1.0]}, "3 Linear/Conv2d layers"),
 ])
 def test_bad_options_are_rejected_before_any_change(options, msg):
+    model = mlp()
+    with pytest.raises(ValueError, match=msg):
+        apply_rule(model, "backman", **options)
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+
+
+# --- the authors' own hooks (tests/reference/backman_reference.py writes the .pt) ----------
+REFERENCE = Path(__file__).resolve().parent / "reference" / "backman_reference.pt"
+
+
+def reference_net(name):
+    """The nets of backman_reference.py, with the weights and batch it stored."""
+    entry = torch.load(REFERENCE)["nets"][name]
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(27, 3))
+    model = model.double()
+    model.load_state_dict(entry["state_dict"])
+    return model, entry
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_frobenius_mode_matches_the_authors_forgetting_hook(net):
+    """alpha_mode 'frobenius' = forgetting_hook (neurips 0a607f3 models.py:12-47) in every gradient."""
+    model, entry = reference_net(net)
+    g = grads(model, "backman", entry["x"], entry["y"], alpha_mode="frobenius")
+    expected = entry["forgetting_hook"]
+    assert set(g) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(g[name], value, rtol=0, atol=1e-10, msg=name)
+    # The hook's defining property: per layer, ||g||_F = ||r||_F / 2, so the top layer's row
+    # norms are far from 1 (what the default mode gives).
+    top = "4.weight" if net == "mlp" else "5.weight"
+    assert g[top].flatten(1).norm(dim=1).max() < 0.5
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_default_mode_is_not_the_forgetting_hook(net):
+    model, entry = reference_net(net)
+    g = grads(model, "backman", entry["x"], entry["y"])
+    for name, value in entry["forgetting_hook"].items():
+        if name.endswith(".bias") and name.startswith(("4.", "5.")):
+            continue  # the top bias gets the raw error in both modes
+        assert (g[name] - value).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_default_mode_matches_the_authors_master_hook(net):
+    """alpha_mode 'fixed' with alpha 1 = master a2def09 models.py:14-57, for Linear and Conv2d."""
+    model, entry = reference_net(net)
+    g = grads(model, "backman", entry["x"], entry["y"], alpha_mode="fixed", alpha=1.0)
+    for name, value in entry["master_hook"].items():
+        torch.testing.assert_close(g[name], value, rtol=0, atol=1e-10, msg=name)
+
+
+def test_frobenius_mode_float32_and_no_signal():
+    model, entry = reference_net("cnn")
+    model = model.float()
+    g = grads(model, "backman", entry["x"].float(), entry["y"], alpha_mode="frobenius")
+    for name, value in entry["forgetting_hook"].items():
+        torch.testing.assert_close(g[name].double(), value, rtol=1e-4, atol=1e-6, msg=name)
+    # No signal anywhere (zero input, no bias): zero updates, no NaN.
+    model = mlp(bias=False)
+    g = grads(model, "backman", torch.zeros(4, 10, dtype=torch.float64), torch.randint(0, 4, (4,)),
+              alpha_mode="frobenius")
+    for name, value in g.items():
+        assert torch.equal(value, torch.zeros_like(value)), name
+
+
+@pytest.mark.parametrize("options, msg", [
+    ({"alpha_mode": "frob"}, "alpha_mode must be one of"), ({"alpha_mode": None}, "alpha_mode must be one of"),
+    ({"alpha_mode": "Fixed"}, "alpha_mode must be one of"),
+    ({"alpha_mode": "frobenius", "alpha": 0.5}, "leave alpha at 1"),
+    ({"alpha_mode": "frobenius", "alpha": [1.0, 2.0, 1.0]}, "leave alpha at 1"),
+    ({"alpha_mode": "frobenius", "unit_c": True}, "unit_c"),
+])
+def test_bad_alpha_mode_is_rejected(options, msg):
     model = mlp()
     with pytest.raises(ValueError, match=msg):
         apply_rule(model, "backman", **options)
