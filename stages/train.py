@@ -117,11 +117,13 @@ def main(argv: list[str]) -> int:
         if not torch.cuda.is_available():
             raise ConfigError(f"profiles.{profile}.{args.experiment}.device", "cuda",
                               "no CUDA device on this machine; use profile smoke or cpu here")
+    for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
+        ensure_writable(folder)
     device = select_device(runs[0]["device"])
     data = load_prepared_data(str(PREPARED / runs[0]["dataset"]), device)
     preflight(runs, data, device)  # every run's sizes, model and rule, before any of them trains
-    for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
-        ensure_writable(folder)
+    for folder in (out_dir, ckpt_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     not_run.unlink(missing_ok=True)
     dhash, chash_code = data_hash(data.manifest), code_hash()
     log(f"[{profile}] {args.experiment}: {len(runs)} runs on {device}")
@@ -185,13 +187,21 @@ def main(argv: list[str]) -> int:
 
 
 def ensure_writable(folder) -> None:
-    """Create the folder and prove a file can be written there, or stop with one line."""
+    """Prove results can be written into the folder, or stop with one line; creates nothing
+    (a run stopped later by a bad setting must leave no empty folders behind)."""
     import tempfile
     from bpfree.config import ConfigError
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        if existing == folder:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as error:
         raise ConfigError(str(folder), None, f"cannot write results here ({error.strerror}); give "
                           f"--results/--checkpoints a writable folder or fix its permissions") from None
