@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+from bpfree.claims import natural_key
 from stages import (NOT_RUN_FILE, PREPARED, RESULTS, checkpoints_dir, entry, learning_curves_dir, log, runs_dir,
                     summary_path)
 
@@ -142,7 +143,7 @@ def write_curve_overlays(curves_dir, plots_dir) -> int:
     written = 0
     for exp_dir in sorted(p for p in curves_dir.glob("*") if p.is_dir()):
         rows, columns = [], ["curve"]
-        for file in sorted(exp_dir.glob("*.csv"), key=lambda f: _natural(f.stem)):
+        for file in sorted(exp_dir.glob("*.csv"), key=lambda f: natural_key(f.stem)):
             with open(file, newline="") as fh:
                 reader = csv.DictReader(fh)
                 columns += [c for c in reader.fieldnames or [] if c not in columns]
@@ -156,12 +157,6 @@ def write_curve_overlays(curves_dir, plots_dir) -> int:
         atomic_write_text(plots_dir / f"{exp_dir.name}.csv", buffer.getvalue())
         written += 1
     return written
-
-
-def _natural(name: str) -> list:
-    """bp_width15 before bp_width100: numbers inside names sort as numbers."""
-    import re
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 TEST_DRAW = "randperm(seed 0)[:test_images], sorted"  # which test images the curves use
