@@ -391,32 +391,53 @@ class SpikeFunction(torch.autograd.Function):
         return grad * (a / 2) / (1 + (math.pi / 2 * a * v) ** 2), None, None
 
 
+LIF_RESETS = ("decayed", "snntorch")
+
+
 class LIF(nn.Module):
-    """Leaky integrate-and-fire units: mem <- beta * mem + input; spike when mem > threshold;
-    reset by subtraction (detached, snnTorch's default). Stateful over the time steps of one
-    forward pass; the owning net calls reset() first. Marked as an activation so reward-based
-    rules pass their reward from the spikes to the input current."""
+    """Leaky integrate-and-fire units; spike when mem > threshold, reset by subtraction
+    (detached). Stateful over the time steps of one forward pass; the owning net calls
+    reset() first. Marked as an activation so reward-based rules pass their reward from the
+    spikes to the input current.
+
+    reset "decayed": mem_t = beta (mem_{t-1} - thr s_{t-1}) + I_t (the threshold is taken off
+    right after the spike, and the subtraction decays with the membrane).
+    reset "snntorch": mem_t = beta mem_{t-1} + I_t - thr H(mem_{t-1} - thr), snnTorch 1.0's
+    Leaky with reset_mechanism "subtract" and reset_delay True (leaky.py:196-244,
+    neurons.py:102-108), which the LFP authors' spiking nets use."""
 
     bpfree_activation = True
 
-    def __init__(self, beta: float = 0.9, threshold: float = 1.0, surrogate: str = "atan", alpha: float = 2.0):
+    def __init__(self, beta: float = 0.9, threshold: float = 1.0, surrogate: str = "atan", alpha: float = 2.0,
+                 reset: str = "decayed"):
         super().__init__()
         if surrogate not in SURROGATES:
             raise ValueError(f"unknown surrogate {surrogate!r}; choices: {', '.join(SURROGATES)}")
+        if reset not in LIF_RESETS:
+            raise ValueError(f"unknown LIF reset {reset!r}; choices: {', '.join(LIF_RESETS)}")
         self.beta, self.threshold, self.surrogate, self.alpha = float(beta), float(threshold), surrogate, float(alpha)
+        self.reset_mode = reset
         self.mem: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.mem = None
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if self.reset_mode == "snntorch":
+            if self.mem is None:
+                mem = current
+            else:
+                fired = (self.mem > self.threshold).to(current.dtype)
+                mem = self.beta * self.mem + current - fired * self.threshold
+            self.mem = mem
+            return SpikeFunction.apply(mem - self.threshold, self.surrogate, self.alpha)
         mem = current if self.mem is None else self.beta * self.mem + current
         spikes = SpikeFunction.apply(mem - self.threshold, self.surrogate, self.alpha)
         self.mem = mem - spikes.detach() * self.threshold
         return spikes
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}"
+        return f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}, reset={self.reset_mode}"
 
 
 class SumOverTime(nn.Module):
@@ -475,6 +496,38 @@ def spiking_convnet(num_classes: int = 10, in_channels: int = 1, image_size: int
         lif_out=LIF(beta, surrogate=surrogate),
     )
     return init_weights(SpikingNet(nn.Sequential(layers), steps), init)
+
+
+@register_model("deepersnn")
+def deepersnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, steps: int = 25,
+              beta: float = 0.9, surrogate: str = "atan", reset: str = "snntorch",
+              init: str = "default") -> nn.Module:
+    """The LFP authors' DeeperSNN (lfprop 1.0.0 model/spiking_networks.py:353-487): five
+    bias-free 3x3 convs (30, 150, 250, 200, 100 channels; padding 2, 1, 1, 2, 2), a 2x2
+    max-pool after each of the first four, a bias-free linear head (2500 inputs at 32x32),
+    a LIF after every conv and the head. Their NoisyWrapper noise is off in every SNN config
+    (config_generator_snn_training.py: SNN_APPLY_NOISE [False]), so it is left out."""
+    side = image_size
+    for padding, pooled in ((2, True), (1, True), (1, True), (2, True), (2, False)):
+        side = side + 2 * padding - 2
+        side = side // 2 if pooled else side
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for deepersnn's four pools")
+
+    def lif() -> LIF:
+        return LIF(beta, surrogate=surrogate, reset=reset)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = [in_channels, 30, 150, 250, 200, 100]
+    for i, (padding, pooled) in enumerate(((2, True), (1, True), (1, True), (2, True), (2, False)), start=1):
+        layers[f"conv{i}"] = nn.Conv2d(channels[i - 1], channels[i], 3, padding=padding, bias=False)
+        layers[f"lif{i}"] = lif()
+        if pooled:
+            layers[f"pool{i}"] = nn.MaxPool2d(2, 2)
+    layers["flatten"] = nn.Flatten()
+    layers["classifier"] = nn.Linear(100 * side * side, num_classes, bias=False)
+    layers["lif_out"] = lif()
+    body = ImageSizeCheckedSequential(layers, (image_size, image_size))
+    return init_weights(SpikingNet(body, steps), init)
 
 
 # ---------------------------------------------------------------------------- ResNets

@@ -57,7 +57,7 @@ class Bounds:
 SMOOTH = Bounds()
 # Step activations and spike thresholds: 9 images and 1.5 % seen, about 3x that allowed.
 DISCONTINUOUS = Bounds(acc_images=25, angle_deg=1.0, loss_rel=0.05, other_rel=0.05)
-DISCONTINUOUS_MODELS = ("noisy_lenet", "spiking_mlp", "spiking_convnet")
+DISCONTINUOUS_MODELS = ("noisy_lenet", "spiking_mlp", "spiking_convnet", "deepersnn")
 
 
 def bounds_for(metrics: dict) -> Bounds:

@@ -53,3 +53,57 @@ def test_spiking_nets_count_spikes_and_train_by_each_route(name, shape):
 def test_unknown_surrogate_is_rejected():
     with pytest.raises(ValueError, match="surrogate"):
         build_model("spiking_mlp", 10, surrogate="sigmoid")
+
+
+def _deepersnn_spike_train(reset: str):
+    """Our deepersnn on the parity case: its per-step output spikes and ce_rate_loss."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+    from snn_case import CLASSES, STEPS, batch, draw_weights
+    # snnTorch keeps beta in a float32 buffer: 0.9 is 0.89999997615814 there (as in our float32 runs)
+    beta = float(torch.tensor(0.9, dtype=torch.float32))
+    model = build_model("deepersnn", CLASSES, steps=STEPS, beta=beta, surrogate="atan", reset=reset).double()
+    draw_weights([p for _, p in model.named_parameters()])
+    x, y = batch()
+    for m in model.modules():
+        if isinstance(m, LIF):
+            m.reset()
+    spikes = torch.stack([model.body(x) for _ in range(STEPS)])
+    # snnTorch's ce_rate_loss: softmax cross-entropy of each step's output spikes, summed into a
+    # float32 zero and divided by the steps there (functional/loss.py:123-128): its gradient
+    # carries float32(1 / steps), so ours does too
+    loss = torch.stack([F.cross_entropy(s, y) for s in spikes]).sum() * float(torch.tensor(1.0) / STEPS)
+    return model, spikes, loss
+
+
+def test_deepersnn_runs_as_the_authors_snntorch_net():
+    """The LFP authors' DeeperSNN under snnTorch 1.0 (tests/reference/deepersnn_reference.py,
+    float64, run in lfprop's venv): our deepersnn with reset "snntorch" gives the same output
+    spike train and the same surrogate-gradient BPTT weight gradients; our older "decayed"
+    reset does not, so the comparison can fail."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+    from snn_case import sample
+    ref = torch.load(Path(__file__).resolve().parent / "reference" / "deepersnn_snntorch.pt", weights_only=True)
+    model, spikes, loss = _deepersnn_spike_train("snntorch")
+    assert [n for n, _ in model.named_parameters()] == [
+        f"body.{n}.weight" for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "classifier")]
+    assert torch.equal(spikes, ref["spikes"]) and ref["spikes"].sum() > 0
+    torch.testing.assert_close(loss.float(), ref["loss"].reshape(()), rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for g, norm, part in zip(grads, ref["grad_norms"], ref["grad_samples"]):
+        torch.testing.assert_close(g.norm(), norm, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sample(g), part, rtol=1e-9, atol=1e-12)
+    _, other, _ = _deepersnn_spike_train("decayed")
+    assert not torch.equal(other, ref["spikes"])
+
+
+def test_deepersnn_shape_and_reset_are_checked():
+    model = build_model("deepersnn", 10, steps=2)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"expects \(B, C, 32, 32\)"):
+        model(torch.rand(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="LIF reset"):
+        build_model("deepersnn", 10, reset="zero")
