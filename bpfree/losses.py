@@ -25,9 +25,22 @@ def sigmoid_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / len(target)
 
 
+def ce_rate(spike_train: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of every time step's output spikes, mean over steps and batch.
+
+    snnTorch 1.0's ce_rate_loss (functional/loss.py:71-128), the LFP authors' gradient
+    criterion for spiking nets ("snnratecodedloss", lfprop rewards/rewards.py:174). Takes the
+    (batch, classes, steps) spike train of a SpikingNet with readout "steps"."""
+    if spike_train.dim() != 3:
+        raise ValueError(f"loss ce_rate takes a (batch, classes, steps) spike train (a spiking net with "
+                         f"readout: steps), got shape {tuple(spike_train.shape)}")
+    return F.cross_entropy(spike_train, target.unsqueeze(1).expand(-1, spike_train.shape[2]))
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": F.cross_entropy,
     "sigmoid_bce": sigmoid_bce,
+    "ce_rate": ce_rate,
 }
 DEFAULT_LOSS = "cross_entropy"
 

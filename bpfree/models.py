@@ -407,6 +407,7 @@ class LIF(nn.Module):
     neurons.py:102-108), which the LFP authors' spiking nets use."""
 
     bpfree_activation = True
+    bpfree_membrane = True  # exposes (mem_before, mem, reset_term) of its last step to reward rules
 
     def __init__(self, beta: float = 0.9, threshold: float = 1.0, surrogate: str = "atan", alpha: float = 2.0,
                  reset: str = "decayed"):
@@ -418,22 +419,24 @@ class LIF(nn.Module):
         self.beta, self.threshold, self.surrogate, self.alpha = float(beta), float(threshold), surrogate, float(alpha)
         self.reset_mode = reset
         self.mem: torch.Tensor | None = None
+        self.step = 0
+        self.last_step: tuple | None = None
 
     def reset(self) -> None:
-        self.mem = None
+        self.mem, self.step, self.last_step = None, 0, None
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         if self.reset_mode == "snntorch":
-            if self.mem is None:
-                mem = current
-            else:
-                fired = (self.mem > self.threshold).to(current.dtype)
-                mem = self.beta * self.mem + current - fired * self.threshold
-            self.mem = mem
+            before = torch.zeros_like(current) if self.mem is None else self.mem
+            reset_term = (before > self.threshold).to(current.dtype) * self.threshold
+            mem = self.beta * before + current - reset_term
+            self.mem, self.last_step = mem, (before.detach(), mem.detach(), reset_term)
+            self.step += 1
             return SpikeFunction.apply(mem - self.threshold, self.surrogate, self.alpha)
         mem = current if self.mem is None else self.beta * self.mem + current
         spikes = SpikeFunction.apply(mem - self.threshold, self.surrogate, self.alpha)
         self.mem = mem - spikes.detach() * self.threshold
+        self.step += 1
         return spikes
 
     def extra_repr(self) -> str:
@@ -450,36 +453,49 @@ class SumOverTime(nn.Module):
         return stacked.sum(0)
 
 
-class SpikingNet(nn.Module):
-    """Static input presented for `steps` time steps to Linear/Conv2d + LIF layers; the
-    output is rate coded: logits = the output neurons' spike counts (spike rate x steps)."""
+READOUTS = ("count", "steps")
 
-    def __init__(self, body: nn.Sequential, steps: int):
+
+class SpikingNet(nn.Module):
+    """Static input presented for `steps` time steps to Linear/Conv2d + LIF layers.
+
+    readout "count": logits = the output neurons' spike counts (spike rate x steps), shape
+    (batch, classes). readout "steps": the output spike train itself, shape (batch, classes,
+    steps), for losses and rewards defined per time step (snnTorch's ce_rate_loss, the LFP
+    authors' rate-coded reward); the predicted class is still the one with the most spikes."""
+
+    def __init__(self, body: nn.Sequential, steps: int, readout: str = "count"):
         super().__init__()
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.body, self.steps, self.readout = body, int(steps), SumOverTime()
+        if readout not in READOUTS:
+            raise ValueError(f"unknown spiking readout {readout!r}; choices: {', '.join(READOUTS)}")
+        self.body, self.steps, self.readout_mode = body, int(steps), readout
+        self.readout = SumOverTime()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.body.modules():
             if isinstance(m, LIF):
                 m.reset()
-        spikes = torch.stack([self.body(x) for _ in range(self.steps)])
-        return self.readout(spikes)
+        outputs = [self.body(x) for _ in range(self.steps)]
+        if self.readout_mode == "steps":
+            return torch.stack(outputs, dim=-1)
+        return self.readout(torch.stack(outputs))
 
 
 @register_model("spiking_mlp")
 def spiking_mlp(num_classes: int = 10, in_features: int = 784, depth: int = 1, width: int = 256,
-                steps: int = 25, beta: float = 0.9, surrogate: str = "atan", init: str = "default") -> nn.Module:
+                steps: int = 25, beta: float = 0.9, surrogate: str = "atan", init: str = "default",
+                reset: str = "decayed", readout: str = "count") -> nn.Module:
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     features = in_features
     for i in range(1, depth + 1):
         layers[f"fc{i}"] = nn.Linear(features, width)
-        layers[f"lif{i}"] = LIF(beta, surrogate=surrogate)
+        layers[f"lif{i}"] = LIF(beta, surrogate=surrogate, reset=reset)
         features = width
     layers["classifier"] = nn.Linear(features, num_classes)
-    layers["lif_out"] = LIF(beta, surrogate=surrogate)
-    return init_weights(SpikingNet(nn.Sequential(layers), steps), init)
+    layers["lif_out"] = LIF(beta, surrogate=surrogate, reset=reset)
+    return init_weights(SpikingNet(nn.Sequential(layers), steps, readout), init)
 
 
 @register_model("spiking_convnet")
@@ -501,7 +517,7 @@ def spiking_convnet(num_classes: int = 10, in_channels: int = 1, image_size: int
 @register_model("deepersnn")
 def deepersnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, steps: int = 25,
               beta: float = 0.9, surrogate: str = "atan", reset: str = "snntorch",
-              init: str = "default") -> nn.Module:
+              readout: str = "count", init: str = "default") -> nn.Module:
     """The LFP authors' DeeperSNN (lfprop 1.0.0 model/spiking_networks.py:353-487): five
     bias-free 3x3 convs (30, 150, 250, 200, 100 channels; padding 2, 1, 1, 2, 2), a 2x2
     max-pool after each of the first four, a bias-free linear head (2500 inputs at 32x32),
@@ -527,7 +543,7 @@ def deepersnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
     layers["classifier"] = nn.Linear(100 * side * side, num_classes, bias=False)
     layers["lif_out"] = lif()
     body = ImageSizeCheckedSequential(layers, (image_size, image_size))
-    return init_weights(SpikingNet(body, steps), init)
+    return init_weights(SpikingNet(body, steps, readout), init)
 
 
 # ---------------------------------------------------------------------------- ResNets

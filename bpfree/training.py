@@ -397,6 +397,12 @@ def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int 
 
 
 @torch.no_grad()
+def predicted_class(out: torch.Tensor) -> torch.Tensor:
+    """The class a net's output names: the largest logit, or for a (batch, classes, steps)
+    spike train the class with the most spikes."""
+    return (out.sum(2) if out.dim() == 3 else out).argmax(1)
+
+
 def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
                    y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float | None, float | None]:
     """(top-1 accuracy in percent, mean loss); (None, None) for an empty split."""
@@ -408,7 +414,7 @@ def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
     loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
     for i in range(0, len(y), EVAL_BATCH):
         out = model(images.prepare(x[i:i + EVAL_BATCH]))
-        correct += (out.argmax(1) == y[i:i + EVAL_BATCH]).sum()
+        correct += (predicted_class(out) == y[i:i + EVAL_BATCH]).sum()
         yb = y[i:i + EVAL_BATCH]
         loss_sum += loss_fn(out.float(), yb).double() * len(yb)
     model.train(was_training)
@@ -829,7 +835,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
             if per_batch_schedule:
                 scheduler.step()
             loss_sum += loss.detach().double() * len(yb)
-            correct += (out.detach().argmax(1) == yb).sum()
+            correct += (predicted_class(out.detach()) == yb).sum()
             timer.stop(token, keep=step >= warmup and not untimed)
         distributed.sum_(loss_sum)
         distributed.sum_(correct)

@@ -107,3 +107,59 @@ def test_deepersnn_shape_and_reset_are_checked():
         model(torch.rand(2, 3, 28, 28))
     with pytest.raises(ValueError, match="LIF reset"):
         build_model("deepersnn", 10, reset="zero")
+
+
+def test_lfp_through_spiking_nets_equals_the_authors_snn_rule():
+    """The LFP authors' spiking-net step (tests/reference/lfprop_snn_reference.py: lfprop 1.0.0's
+    LFPSNNEpsilonComposite and rate-coded reward on DeeperSNN, float64): our lfp_eps with
+    reward snn_rate_coded, reward_scale sum and snn membrane on deepersnn (readout steps,
+    loss ce_rate) gives every weight the same feedback, to 1e-9. Passing the reward straight
+    through each LIF (snn pass, our default) does not, so the comparison can fail."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+    from snn_case import CLASSES, STEPS, batch, draw_weights, sample
+    from bpfree.losses import ce_rate
+    from bpfree.rules.relevance import snn_rate_coded_reward
+    ref = torch.load(Path(__file__).resolve().parent / "reference" / "lfprop_snn_1.0.0.pt", weights_only=True)
+    beta = float(torch.tensor(0.9, dtype=torch.float32))  # snnTorch's float32 buffer
+
+    def feedback(snn_mode):
+        model = build_model("deepersnn", CLASSES, steps=STEPS, beta=beta, readout="steps").double()
+        draw_weights([p for _, p in model.named_parameters()])
+        x, y = batch()
+        options = {"reward": "snn_rate_coded", "reward_scale": "sum", "snn": snn_mode}
+        with apply_rule(model, "lfp_eps", **options):
+            model.zero_grad()
+            out = model(x)
+            ce_rate(out, y).backward()
+        with torch.enable_grad():
+            z = out.detach().requires_grad_(True)
+            reward = snn_rate_coded_reward(z, torch.autograd.grad(ce_rate(z, y), z)[0]) * len(y)
+        return out.detach(), reward, [-p.grad for p in model.parameters()]
+
+    out, reward, ours = feedback("membrane")
+    assert torch.equal(out.permute(2, 0, 1), ref["spikes"])
+    torch.testing.assert_close(reward.permute(2, 0, 1), ref["reward"], rtol=0, atol=1e-12)
+    for f, norm, part in zip(ours, ref["feedback_norms"], ref["feedback_samples"]):
+        torch.testing.assert_close(f.norm(), norm, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sample(f), part, rtol=1e-9, atol=1e-12)
+    _, _, passed = feedback("pass")
+    assert not torch.allclose(passed[0].norm(), ref["feedback_norms"][0], rtol=1e-3)
+
+
+def test_the_snn_membrane_rule_and_per_step_losses_reject_what_they_cannot_handle():
+    from bpfree.losses import ce_rate
+    with pytest.raises(ValueError, match="follow a Linear or Conv2d"):
+        with apply_rule(build_model("spiking_convnet", 10, steps=2), "lfp_eps", snn="membrane"):
+            pass
+    with pytest.raises(ValueError, match="reset snntorch"):
+        with apply_rule(build_model("spiking_mlp", 10, steps=2), "lfp_eps", snn="membrane"):
+            pass
+    with pytest.raises(ValueError, match="snn must be one of"):
+        with apply_rule(build_model("spiking_mlp", 10, steps=2), "lfp_eps", snn="maybe"):
+            pass
+    with pytest.raises(ValueError, match="readout: steps"):
+        ce_rate(torch.rand(4, 10), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="spiking readout"):
+        build_model("spiking_mlp", 10, readout="rates")

@@ -71,7 +71,27 @@ def negative_gradient_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
     return -grad
 
 
-REWARDS = {"softmax_loss": softmax_loss_reward, "negative_gradient": negative_gradient_reward}
+def snn_rate_coded_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The LFP authors' SnnCorrectClassRewardSpikesRateCoded (lfprop 1.0.0 rewards/
+    reward_functions.py:278-318) on a (batch, classes, steps) spike train z: at every step the
+    true class gets 1 - sigmoid(count - steps // 2), whether it spiked or not, and every other
+    class that spiked gets -(1 - sigmoid(silent steps - steps // 2)). The true class is read
+    off a cross-entropy gradient (its only negative entry), as softmax_loss reads it; returned
+    over the batch size like the other rewards (reward_scale "sum" gives the authors' own)."""
+    if z.dim() != 3:
+        raise ValueError(f"reward snn_rate_coded takes a (batch, classes, steps) spike train (a spiking net "
+                         f"with readout: steps), got shape {tuple(z.shape)}")
+    steps = z.shape[2]
+    true_class = grad.sum(2, keepdim=True) < 0
+    pos_decay = 1 - torch.sigmoid(z.sum(2, keepdim=True) - steps // 2)
+    neg_decay = 1 - torch.sigmoid((z - 1).abs().sum(2, keepdim=True) - steps // 2)
+    reward = torch.where(true_class, pos_decay.expand_as(z), -z * neg_decay)
+    return reward / z.shape[0]
+
+
+REWARDS = {"softmax_loss": softmax_loss_reward, "negative_gradient": negative_gradient_reward,
+           "snn_rate_coded": snn_rate_coded_reward}
+SNN_MODES = ("pass", "membrane")
 
 
 REWARD_SCALES = ("mean", "sum")
@@ -110,6 +130,34 @@ class _PassReward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, reward):
         return reward, None
+
+
+class _MembraneReward(torch.autograd.Function):
+    """The LFP authors' epsilon rule through one LIF step (lfprop 1.0.0 propagation/
+    propagator_snn.py:140-225, LFPEpsilonSNN). Forward: the spikes. Backward: the reward on
+    the spikes, plus the share the next step handed back to this step's membrane, counts as
+    reward on the new membrane u_t = beta u_t-1 + I_t - reset; it is normalised by
+    |u_t-1| + |u_t + reset - u_t-1| + eps, the normalised reward s goes to the input current
+    (the layer in front applies it without dividing again: variant "snn"), and
+    beta s u_t-1 is carried to the step before. Steps must come back in reverse order, as
+    autograd runs them; `carry` holds the hand-back between steps of one forward pass."""
+
+    @staticmethod
+    def forward(ctx, current, spikes, before, after, reset_term, beta, carry, step, eps):
+        ctx.save_for_backward(before, after, reset_term)
+        ctx.beta, ctx.carry, ctx.step, ctx.eps = beta, carry, step, eps
+        return spikes.detach().clone()
+
+    @staticmethod
+    def backward(ctx, reward):
+        before, after, reset_term = ctx.saved_tensors
+        carry = ctx.carry
+        if carry["next"] is not None and ctx.step != carry["next"]:
+            raise RuntimeError(f"LFP snn membrane: step {ctx.step} came back before step {carry['next']}")
+        total = reward if carry["rho"] is None else reward + carry["rho"]
+        s = total / (before.abs() + (after + reset_term - before).abs() + ctx.eps)
+        carry["rho"], carry["next"] = ctx.beta * s * before, ctx.step - 1
+        return s, None, None, None, None, None, None, None, None
 
 
 class _ProportionalSum(torch.autograd.Function):
@@ -241,8 +289,8 @@ class _ConvOps:
 
 def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
     """(reward to the input, weight feedback F, bias feedback F_b) of one layer."""
-    if variant == "eps":
-        s = _divide(reward, z, eps)
+    if variant in ("eps", "snn"):  # "snn": the LIF behind the layer already normalised it
+        s = reward if variant == "snn" else _divide(reward, z, eps)
         r_in = x * ops.send(s, weight)
         f_w = weight.abs() * ops.collect(s, x)
         f_b = None if bias is None else bias.abs() * ops.bias_sum(s)
@@ -328,6 +376,8 @@ class LayerwiseFeedbackPropagation(Rule):
         if o.get("reward_scale", "mean") not in REWARD_SCALES:
             raise ValueError(f"rule {self.name!r}: reward_scale must be one of {', '.join(REWARD_SCALES)}, "
                              f"got {o['reward_scale']!r}")
+        if o.get("snn", "pass") not in SNN_MODES:
+            raise ValueError(f"rule {self.name!r}: snn must be one of {', '.join(SNN_MODES)}, got {o['snn']!r}")
 
     def config(self) -> tuple:
         return (self.variant, float(self.options.get("eps", 0.0)), float(self.options.get("alpha", 1.0)),
@@ -336,20 +386,48 @@ class LayerwiseFeedbackPropagation(Rule):
     def forward(self, layer, x):
         if not torch.is_grad_enabled():
             return layer._bpfree_original_class.forward(layer, x)
+        cfg = self.config()
+        if id(layer) in getattr(self, "_feeds_membrane", ()):
+            cfg = ("snn",) + cfg[1:]
         if isinstance(layer, nn.Conv2d):
             x, padding = padded_input(layer, x)
-            return LFPConv2dFunction.apply(x, layer.weight, layer.bias, self.config(), layer.stride,
+            return LFPConv2dFunction.apply(x, layer.weight, layer.bias, cfg, layer.stride,
                                            padding, layer.dilation, layer.groups)
-        return LFPLinearFunction.apply(x, layer.weight, layer.bias, self.config())
+        return LFPLinearFunction.apply(x, layer.weight, layer.bias, cfg)
+
+    def _membrane_pairs(self, model: nn.Module, layers) -> set[int]:
+        """Option snn "membrane": every LIF must sit right behind a converted Linear/Conv2d (the
+        authors' SpikingLayer) and reset as snnTorch does; the ids of those layers."""
+        converted, feeds = {id(layer) for layer in layers}, set()
+        for parent in model.modules():
+            names = list(parent._modules)
+            for i, name in enumerate(names):
+                child = parent._modules[name]
+                if not getattr(child, "bpfree_membrane", False):
+                    continue
+                before = parent._modules[names[i - 1]] if i > 0 else None
+                if before is None or id(before) not in converted:
+                    raise ValueError(f"rule {self.name!r} with snn membrane: LIF {name!r} must follow a Linear or "
+                                     f"Conv2d layer directly, it follows {type(before).__name__}")
+                if getattr(child, "reset_mode", None) != "snntorch":
+                    raise ValueError(f"rule {self.name!r} with snn membrane needs LIF reset snntorch, "
+                                     f"{name!r} has {getattr(child, 'reset_mode', None)!r}")
+                feeds.add(id(before))
+        return feeds
 
     def attach(self, model: nn.Module, layers) -> list:
-        """Output reward, pass-through activations, proportional sums and average pools."""
+        """Output reward, pass-through activations (or the membrane rule at LIFs), proportional
+        sums and average pools."""
         eps = float(self.options.get("eps", 0.0))  # sums and pools use the layers' eps
+        membrane = self.options.get("snn", "pass") == "membrane"
+        self._feeds_membrane = self._membrane_pairs(model, layers) if membrane else set()
         handles = [model.register_forward_hook(self._output_hook)]
         for module in model.modules():
             if module is model:
                 continue
-            if isinstance(module, ACTIVATION_CLASSES) or getattr(module, "bpfree_activation", False):
+            if membrane and getattr(module, "bpfree_membrane", False):
+                handles.append(module.register_forward_hook(self._membrane_hook))
+            elif isinstance(module, ACTIVATION_CLASSES) or getattr(module, "bpfree_activation", False):
                 handles.append(module.register_forward_hook(self._activation_hook))
             elif type(module).__name__ == "Add":
                 handles.append(module.register_forward_hook(self._add_hook))
@@ -370,6 +448,15 @@ class LayerwiseFeedbackPropagation(Rule):
 
     def _activation_hook(self, module, inputs, output):
         return _PassReward.apply(inputs[0], output) if self._on() else output
+
+    def _membrane_hook(self, module, inputs, output):
+        if not self._on():
+            return output
+        if module.step == 1:  # a new forward pass: a fresh hand-back between its steps
+            module._bpfree_carry = {"rho": None, "next": None}
+        before, after, reset_term = module.last_step
+        return _MembraneReward.apply(inputs[0], output, before, after, reset_term, module.beta,
+                                     module._bpfree_carry, module.step, float(self.options.get("eps", 0.0)))
 
     def _add_hook(self, module, inputs, output):
         if self._on() and len(inputs) == 2:
@@ -405,7 +492,8 @@ class LFPZero(LayerwiseFeedbackPropagation):
 class LFPEpsilon(LayerwiseFeedbackPropagation):
     name = "lfp_eps"
     variant = "eps"
-    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None,
+                "snn": "pass"}
 
 
 @register_rule
