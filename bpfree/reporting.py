@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bpfree.claims import (CLAIMS_FILE, VERDICTS, ClaimResult, evaluate_all, load_registry, natural_key,
-                           load_summaries)
+from bpfree.claims import (CLAIMS_FILE, DIVERGED, FAIL, PASS, VERDICTS, ClaimResult, evaluate_all,
+                           load_registry, natural_key, load_summaries)
 from bpfree.provenance import atomic_write_text
 
 COLUMNS = ["claim", "rule", "paper value", "reproduced mean ± std", "seeds", "tolerance",
@@ -133,7 +133,8 @@ def protocol_section(tables: list[dict]) -> list[str]:
 
 
 def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: dict | None = None,
-                 figures: dict | None = None, protocols: list[dict] | None = None) -> str:
+                 figures: dict | None = None, protocols: list[dict] | None = None,
+                 curves: dict | None = None, documented=()) -> str:
     lines = [f"# {meta.get('title', key)}", ""]
     for src in meta.get("sources", []):
         lines.append(f"- {src}")
@@ -173,15 +174,79 @@ def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: di
             lines += [f"### {spec['title']}", "",
                       f"`{spec['experiment']}`, profile `{spec['profile']}`, metric `{spec['metric']}`", "",
                       sweep_table((summaries or {}).get(spec["profile"]), spec), ""]
-    if meta.get("figures"):
+    names = [spec["name"] for spec in meta.get("figures") or []]
+    drawn = [(n, (figures or {}).get(n, (None, "not drawn"))) for n in names]
+    drawn += [(f"learning_curves_{p}_{e}", (curves or {}).get((p, e), (None, "not drawn")))
+              for p, e in claims_used(results)]
+    if drawn:
         lines += ["## Figures", ""]
-        for spec in meta["figures"]:
-            path, why = (figures or {}).get(spec["name"], (None, "not drawn"))
-            if path is not None:
-                lines += [f"![{spec['name']}](../figures/{spec['name']}.png)", ""]
-            else:
-                lines += [f"- `{spec['name']}`: not drawn ({_md(why)})", ""]
+        for name, (path, why) in drawn:
+            lines += [f"![{name}](../figures/{name}.png)", ""] if path is not None else \
+                [f"- `{name}`: not drawn ({_md(why)[:200]})", ""]
+    lines += ["## Provenance", "", provenance_table(summaries or {}, claims_used(results), documented), ""]
     return "\n".join(lines)
+
+
+# What a reader needs from the front page: is the claim reproduced, and if not, what would
+# change that (a fix, a bigger budget, data we cannot reach, a GPU window, runs in progress)?
+CLASSES = ("PASS", "FAIL open", "FAIL budget", "DIVERGED", "NOT RUN data absent", "NOT RUN gpu pending",
+           "NOT RUN runs pending")
+
+
+def _shortened(res: ClaimResult, summaries: dict) -> bool:
+    exp = (summaries.get(res.claim.profile) or {}).get("experiments", {}).get(res.claim.experiment) or {}
+    return bool(exp.get("shortened", res.claim.shortened))
+
+
+def status_class(res: ClaimResult, results: list[ClaimResult], summaries: dict,
+                 datasets: dict[str, str], absent: dict[str, str]) -> tuple[str, str]:
+    """(class, note): FAIL budget when the profile ran a shortened protocol (noting a claim on
+    the same experiment that passes at the full one); NOT RUN split by why."""
+    c = res.claim
+    if res.verdict in (PASS, DIVERGED):
+        return res.verdict, ""
+    if res.verdict == FAIL:
+        if not _shortened(res, summaries):
+            return "FAIL open", ""
+        full = sorted({o.claim.profile for o in results if o is not res and o.claim.experiment == c.experiment
+                       and o.verdict == PASS and not _shortened(o, summaries)})
+        return "FAIL budget", (f"passes at the full protocol on profile {', '.join(full)}" if full
+                               else "no full-protocol pass yet")
+    dataset = datasets.get(c.experiment)
+    if dataset in absent:
+        return "NOT RUN data absent", f"{dataset}: {absent[dataset]}"
+    return ("NOT RUN gpu pending", "") if c.profile == "gpu" else ("NOT RUN runs pending", "")
+
+
+def _first_sentence(text: str, limit: int = 220) -> str:
+    text = " ".join(str(text).split())
+    cut = text.find(". ")
+    text = text if cut < 0 else text[:cut + 1]
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def short_reason(res: ClaimResult) -> str:
+    """The failing rows (reproduced vs paper, tolerance) and the first sentence of a known
+    failure's explanation; or the NOT RUN reason."""
+    if res.verdict == PASS:
+        return ""
+    bad = [r for r in res.rows if r.verdict not in (PASS, "NOT RUN")] or [r for r in res.rows if r.verdict != PASS]
+    parts = []
+    for r in bad[:2]:
+        if r.verdict in (FAIL, DIVERGED) and r.reproduced not in ("", "—"):
+            paper = f" vs {r.paper}" if res.claim.kind != "comparison" else ""
+            parts.append(f"{r.rule}: {r.reproduced}{paper} (tolerance {r.tolerance})")
+        else:
+            parts.append(f"{r.rule}: {r.verdict}")
+    if len(bad) > 2:
+        parts.append(f"{len(bad) - 2} more rows")
+    known = next((res.claim.known_failures.get(r.rule) or res.claim.known_failures.get(r.rule.split(" vs ")[0])
+                  for r in bad if res.claim.known_failures.get(r.rule)
+                  or res.claim.known_failures.get(r.rule.split(" vs ")[0])), None)
+    text = "; ".join(parts) if res.verdict != "NOT RUN" else _first_sentence(res.reason, 160)
+    if known:
+        text += f". Known: {_first_sentence(known, 160)}"
+    return text
 
 
 def verdict_counts(results: list[ClaimResult]) -> dict[str, int]:
@@ -245,44 +310,53 @@ def claims_used(results: list[ClaimResult]) -> list[tuple[str, str]]:
 
 
 def render_readme(papers: dict, by_paper: dict[str, list[ClaimResult]],
-                  summaries: dict[str, dict], figures: dict | None = None,
-                  curves: dict | None = None, documented=()) -> str:
-    """The front page: verdicts over papers, then per paper its verdicts, figures (with the
-    learning curves of every experiment its claims read) and the provenance of its numbers."""
+                  summaries: dict[str, dict], datasets: dict[str, str] | None = None,
+                  absent: dict[str, str] | None = None) -> str:
+    """The front page: one line per paper (claims by class), then per paper each claim's
+    class and the short reason it is not PASS. Figures, provenance and the paper's full
+    tables live on its page (tables/<paper>.md); smoke runs are a regression baseline and
+    stay off this page."""
+    datasets, absent = datasets or {}, absent or {}
+    everything = [r for results in by_paper.values() for r in results]
+    classes = {id(r): status_class(r, everything, summaries, datasets, absent) for r in everything}
     lines = ["# Results", "",
              "Generated by `python -m stages.tables`; do not edit by hand.", "",
              f"Profiles with a summary: {', '.join(sorted(summaries)) or 'none'}. Every number comes "
              "from `results/<profile>/runs/<experiment>/<run>/metrics.json` (seed, resolved config and "
              "its hash, code hash, data hash, device, package versions, git commit), summarised in "
              "`results/<profile>/summary.json`.", "",
+             "Classes: **FAIL open**: the protocol ran as stated and the claim failed; **FAIL budget**: "
+             "the profile runs a shortened protocol; **DIVERGED**: a run's loss exploded; **NOT RUN data "
+             "absent**: the dataset is not reachable from these machines; **NOT RUN gpu pending**: waits "
+             "for a GPU window; **NOT RUN runs pending**: its cpu runs have not finished.", "",
              "## Verdicts per paper", ""]
     rows, total = [], Counter()
     for key, results in by_paper.items():
-        counts = verdict_counts(results)
+        counts = Counter(classes[id(r)][0] for r in results)
         total.update(counts)
         anchor = key.replace("_", "-")
         rows.append([f"[{papers[key].get('title', key)}](#{anchor})", len(results),
-                     *[counts[v] for v in VERDICTS], f"[table](tables/{key}.md)"])
-    rows.append(["**all**", sum(len(r) for r in by_paper.values()), *[total.get(v, 0) for v in VERDICTS], ""])
-    lines.append(tabulate(rows, headers=["paper", "claims", *VERDICTS, "details"], tablefmt="github",
+                     *[counts.get(c, 0) or "" for c in CLASSES], f"[page](tables/{key}.md)"])
+    rows.append(["**all**", sum(len(r) for r in by_paper.values()), *[total.get(c, 0) for c in CLASSES], ""])
+    lines.append(tabulate(rows, headers=["paper", "claims", *CLASSES, "details"], tablefmt="github",
                           disable_numparse=True))
     for key, results in by_paper.items():
         meta = papers[key]
+        counts = Counter(classes[id(r)][0] for r in results)
         lines += ["", f'<a id="{key.replace("_", "-")}"></a>', "", f"## {meta.get('title', key)}", "",
-                  f"Paper value / reproduced value / tolerance / verdict per rule: [tables/{key}.md](tables/{key}.md).", ""]
-        crow = [[res.claim.id, res.claim.profile, res.verdict, _md(res.reason) or ""] for res in results]
-        lines.append(tabulate(crow, headers=["claim", "profile", "verdict", "reason"], tablefmt="github",
+                  " · ".join(f"{c} {counts[c]}" for c in CLASSES if counts.get(c)) + "  ", 
+                  f"Paper values, reproduced values, tolerances, figures, protocol tables and provenance: "
+                  f"[tables/{key}.md](tables/{key}.md).", ""]
+        crow = []
+        for res in sorted(results, key=lambda r: CLASSES.index(classes[id(r)][0])):
+            cls, note = classes[id(res)]
+            reason = short_reason(res)
+            crow.append([res.claim.id, res.claim.profile, cls, _md("; ".join(x for x in (note, reason) if x))])
+        lines.append(tabulate(crow, headers=["claim", "profile", "class", "why"], tablefmt="github",
                               disable_numparse=True))
-        lines += ["", "### Figures", ""]
-        names = [spec["name"] for spec in meta.get("figures") or []]
-        drawn = [(n, (figures or {}).get(n, (None, "not drawn"))) for n in names]
-        drawn += [(f"learning_curves_{p}_{e}", (curves or {}).get((p, e), (None, "not drawn")))
-                  for p, e in claims_used(results)]
-        for name, (path, why) in drawn:
-            lines += [f"![{name}](figures/{name}.png)", ""] if path is not None else \
-                [f"- `{name}`: not drawn ({_md(why)[:200]})", ""]
-        lines += ["### Provenance", "", provenance_table(summaries, claims_used(results), documented), ""]
-    lines += ["", "## Runs per profile", "", _runs_overview(summaries), ""]
+    lines += ["", "## Runs per profile", "", "cpu and gpu runs; the smoke profile's runs are listed in "
+              "[tables/runs_smoke.md](tables/runs_smoke.md).", "",
+              _runs_overview({p: s for p, s in summaries.items() if p != "smoke"}), ""]
     mismatches = [(p, m) for p, s in sorted(summaries.items()) for m in s.get("mismatches", [])]
     if mismatches:
         lines += ["## Checkpoint re-check mismatches", ""]
@@ -314,6 +388,24 @@ def metrics_record(results: list[ClaimResult], summary: dict | None, profile: st
 METRIC_PROFILES = ("smoke", "cpu", "gpu")
 
 
+def experiment_datasets() -> dict[str, str]:
+    """experiment -> dataset, from params.yaml (an experiment no profile ran is still classed)."""
+    from bpfree.config import PARAMS_FILE, load_yaml
+    try:
+        return {k: v.get("dataset") for k, v in (load_yaml(PARAMS_FILE).get("experiments") or {}).items()}
+    except (OSError, AttributeError):
+        return {}
+
+
+def datasets_absent(claims_path: str | Path = CLAIMS_FILE) -> dict[str, str]:
+    """claims.yaml's datasets_absent: dataset -> why no machine here can read it."""
+    from bpfree.config import load_yaml
+    absent = load_yaml(claims_path).get("datasets_absent") or {}
+    if not isinstance(absent, dict) or not all(isinstance(v, str) and v.strip() for v in absent.values()):
+        raise ValueError(f"{claims_path}: datasets_absent must map each dataset to the reason it is absent")
+    return absent
+
+
 def write_reports(results_dir: str | Path = "results", claims_path: str | Path = CLAIMS_FILE) -> list[Path]:
     """results/tables/<paper>.md for every paper and results/README.md; returns the paths."""
     results_dir = Path(results_dir)
@@ -340,17 +432,22 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
                 if curves[(profile, experiment)][0] is not None:
                     written.append(curves[(profile, experiment)][0])
     protocols = load_protocols() if Path(claims_path).resolve() == CLAIMS_FILE.resolve() else {}
+    documented = [p for p in summaries if (results_dir / p / "PROVENANCE.md").is_file()]
     for key, res in by_paper.items():
         paper_figures = {s["name"]: figures[s["name"]] for s in papers[key].get("figures") or []}
         written.append(atomic_write_text(results_dir / "tables" / f"{key}.md",
                                          render_paper(key, papers[key], res, summaries, paper_figures,
-                                                      protocols.get(key))))
+                                                      protocols.get(key), curves, documented)))
+    written.append(atomic_write_text(results_dir / "tables" / "runs_smoke.md", "\n".join([
+        "# Smoke-profile runs", "", "The smoke profile is a regression baseline (tiny budgets, "
+        "checked by `bpfree verify`), not a reproduction.", "",
+        _runs_overview({p: s for p, s in summaries.items() if p == "smoke"}), ""])))
     import json
     for profile in METRIC_PROFILES:
         record = metrics_record(results, summaries.get(profile), profile)
         written.append(atomic_write_text(results_dir / "metrics" / f"{profile}.json",
                                          json.dumps(record, indent=2, sort_keys=True) + "\n"))
+    datasets, absent = experiment_datasets(), datasets_absent(claims_path)
     written.append(atomic_write_text(results_dir / "README.md",
-                                     render_readme(papers, by_paper, summaries, figures, curves,
-                                                   [p for p in summaries if (results_dir / p / "PROVENANCE.md").is_file()])))
+                                     render_readme(papers, by_paper, summaries, datasets, absent)))
     return written

@@ -189,7 +189,7 @@ def test_write_reports(registry, tmp_path):
     written = write_reports(results, path)
     assert sorted(p.relative_to(results).as_posix() for p in written) == [
         "README.md", "figures/learning_curves_cpu_E1.png", "metrics/cpu.json", "metrics/gpu.json",
-        "metrics/smoke.json", "tables/toy_paper.md"]
+        "metrics/smoke.json", "tables/runs_smoke.md", "tables/toy_paper.md"]
     # The DVC metrics of a profile: each of its claims' rows, and each experiment's headline.
     cpu = json.loads((results / "metrics" / "cpu.json").read_text())
     assert cpu["claims"]["T-abs"]["verdict"] == "FAIL" and cpu["claims"]["T-rel"]["verdict"] == "PASS"
@@ -201,16 +201,53 @@ def test_write_reports(registry, tmp_path):
     assert "### T-abs: FAIL" in paper and "### T-rel: PASS" in paper and "### T-gpu: NOT RUN" in paper
     assert "protocol shortened in this profile: YES" in paper
     readme = (results / "README.md").read_text()
-    assert "| [Toy paper](#toy-paper) | 3        | 1      | 1      | 0          | 1" in readme
-    assert "[table](tables/toy_paper.md)" in readme and "Profiles with a summary: cpu" in readme
-    # The front page's paper section: its verdicts, figures (learning curves) and provenance.
+    # The front page: one line per paper, claims by class (T-abs ran a shortened protocol).
+    assert "| [Toy paper](#toy-paper) | 3        | 1      |             | 1             |" in readme
+    assert "[page](tables/toy_paper.md)" in readme and "Profiles with a summary: cpu" in readme
     section = readme.split("## Toy paper", 1)[1].split("## Runs per profile", 1)[0]
-    assert "| T-abs   | cpu       | FAIL" in section
-    assert "![learning_curves_cpu_E1](figures/learning_curves_cpu_E1.png)" in section
-    assert "`learning_curves_gpu_E1`: not drawn (no summary)" in section
-    provenance = section.split("### Provenance", 1)[1]
+    assert "PASS 1 · FAIL budget 1 · NOT RUN gpu pending 1" in section
+    assert "| T-abs   | cpu       | FAIL budget         | no full-protocol pass yet; fa: 6.80 ± 0.28 vs 5.00 (tolerance ± 1)" in section
+    assert "![" not in section and "### Provenance" not in section  # both on the paper's page
+    # The paper's page: figures (learning curves) and provenance.
+    assert "![learning_curves_cpu_E1](../figures/learning_curves_cpu_E1.png)" in paper
+    assert "`learning_curves_gpu_E1`: not drawn (no summary)" in paper
+    provenance = paper.split("## Provenance", 1)[1]
     assert "| cpu       | E1           | bp, fa, usf | 1, 2    | cpu: AMD EPYC | official" in provenance
     assert "0e0d5c6, 5a361fb+dirty" in provenance and "epochs 20 (protocol 100)" in provenance
+
+
+def _result(registry, claim_id, rules, profile="cpu", shortened=True):
+    _, claims = registry
+    s = summary(rules)
+    s["experiments"]["E1"]["shortened"] = shortened
+    return evaluate_claim(claims[claim_id], {profile: s})
+
+
+def test_front_page_classes_say_what_would_change_a_verdict(registry):
+    from bpfree.reporting import status_class
+    bad = copy.deepcopy(GOOD)
+    bad["fa"] = rule_entry({"1": 93.0, "2": 93.4})
+    datasets, absent = {"E1": "mnist"}, {"cifar100": "not offline"}
+    short_fail = _result(registry, "T-abs", bad)
+    full_fail = _result(registry, "T-abs", bad, shortened=False)
+    assert status_class(short_fail, [short_fail], {"cpu": {"experiments": {"E1": {"shortened": True}}}},
+                        datasets, absent) == ("FAIL budget", "no full-protocol pass yet")
+    assert status_class(full_fail, [full_fail], {"cpu": {"experiments": {"E1": {"shortened": False}}}},
+                        datasets, absent)[0] == "FAIL open"
+    # a shortened FAIL whose experiment passes at the full protocol on the gpu says so
+    full_pass = _result(registry, "T-gpu", {"bp": rule_entry({"1": 98.0, "2": 98.1})}, profile="gpu",
+                        shortened=False)
+    summaries = {"cpu": {"experiments": {"E1": {"shortened": True}}},
+                 "gpu": {"experiments": {"E1": {"shortened": False}}}}
+    assert full_pass.verdict == PASS
+    assert status_class(short_fail, [short_fail, full_pass], summaries, datasets, absent) == \
+        ("FAIL budget", "passes at the full protocol on profile gpu")
+    not_run = _result(registry, "T-gpu", {}, profile="gpu")
+    assert status_class(not_run, [not_run], {}, datasets, absent)[0] == "NOT RUN gpu pending"
+    assert status_class(not_run, [not_run], {}, {"E1": "cifar100"}, absent) == \
+        ("NOT RUN data absent", "cifar100: not offline")
+    cpu_not_run = _result(registry, "T-abs", {})
+    assert status_class(cpu_not_run, [cpu_not_run], {}, datasets, absent)[0] == "NOT RUN runs pending"
 
 
 @pytest.mark.parametrize("field,value,msg", [
