@@ -70,6 +70,9 @@ class Claim:
     # For comparison claims the keys are check labels (see check_label).
     known_failures: dict[str, str] = field(default_factory=dict)
     statement: str = ""  # comparison claims: the paper's qualitative statement
+    # check label -> why a passing check the runs cannot fail (see cannot_fail) is kept; the
+    # claim test expects exactly these, and the front page does not count them as PASS.
+    cannot_fail: dict[str, str] = field(default_factory=dict)
 
     @property
     def rules(self) -> list[str]:
@@ -104,6 +107,12 @@ class Row:
     notes: str
     mean: float | None = None
     reason: str = ""  # why the row is not PASS/FAIL (NOT RUN / DIVERGED), for the claim summary
+    # For checks against a bound: how far the worst observed seed lies inside it (negative:
+    # outside), and the observed spread (std, pooled over the compared sides): a check whose
+    # bound sits many spreads from every observed value cannot be failed by the runs
+    # (bpfree.claims.cannot_fail).
+    margin: float | None = None
+    spread: float | None = None
 
 
 @dataclass
@@ -169,7 +178,8 @@ def load_registry(path: str | Path = CLAIMS_FILE) -> tuple[dict, list[Claim]]:
         claim = Claim(**{k: c[k] for k in _REQUIRED},
                       tolerance=c.get("tolerance") or {}, reference_rule=c.get("reference_rule"),
                       checks=c.get("checks") or [], known_failures=c.get("known_failures") or {},
-                      statement=" ".join(str(c.get("statement", "")).split()))
+                      statement=" ".join(str(c.get("statement", "")).split()),
+                      cannot_fail=c.get("cannot_fail") or {})
         if claim.kind == "comparison":
             _validate_comparison(claim, where)
             claims.append(claim)
@@ -397,16 +407,20 @@ def _absolute(claim: Claim, summaries: dict) -> list[Row]:
         extra = [d.reason] if d.reason else []
         if rule in claim.known_failures:
             extra.append(f"KNOWN FAILURE: {claim.known_failures[rule]}")
+        margin = spread = None
         if d.status == "OK":
             verdict = PASS if abs(d.mean - paper) <= tol else FAIL
             extra.append(f"diff {_signed(d.mean - paper)}")
+            if d.n > 1 and d.std:
+                se = d.std / d.n ** 0.5
+                extra.append(f"band = {tol / se:.1f} SE of the mean (seed std {d.std:.2g}, n {d.n})")
             if d.best_test is not None:
                 extra.append(f"best-test-epoch value (test-selected, biotorch-style): {d.best_test:.2f}")
         else:
             verdict = d.status
         rows.append(Row(claim.id, rule, _fmt(paper), _reproduced(d), _seeds(d), f"± {tol:g}",
                         verdict, claim.profile, _variant(claim, summaries),
-                        _notes(claim, summaries, extra), d.mean))
+                        _notes(claim, summaries, extra), d.mean, "", margin, spread))
     return rows
 
 
@@ -482,6 +496,12 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
             blocked = next(d.reason for d in everything if d.status == NOT_RUN)
         else:
             v = main.mean
+            margin = spread = None
+            seeds = list(main.per_seed.values())
+            if "max" in chk and seeds:
+                margin, spread = chk["max"] - max(seeds), main.std
+            elif "min" in chk and seeds:
+                margin, spread = min(seeds) - chk["min"], main.std
             if "max" in chk:
                 ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
             elif "min" in chk:
@@ -501,6 +521,7 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
             else:
                 diff = v - others[0].mean
                 bound = [k for k in ("at_most", "at_least", "within") if k in chk][0]
+                margin, spread = _diff_margin(main, others[0], bound, chk[bound])
                 ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
                       "within": abs(diff) <= chk.get("within", 0)}[bound]
                 sym = {"at_most": "≤", "at_least": "≥", "within": "|·| ≤"}[bound]
@@ -511,11 +532,43 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
             tol = "—"
         n = min((d.n for d in everything if d.status == "OK"), default=0)
         paper_text = f"{chk['target']:g}" if "target" in chk else (claim.statement if not rows else "″")
+        if verdict in (DIVERGED, NOT_RUN):
+            margin = spread = None
         rows.append(Row(claim.id, label, paper_text, shown,
                         str(n) if n else "—", tol, verdict, claim.profile,
                         _variant(claim, summaries), _notes(claim, summaries, extra), main.mean,
-                        blocked))
+                        blocked, margin, spread))
     return rows
+
+
+def _diff_margin(main: _RuleData, ref: _RuleData, bound: str, value: float) -> tuple[float | None, float | None]:
+    """(margin of the worst seed difference inside the bound, pooled std) for a difference
+    check; seeds are paired where both sides ran the same seeds, else every pair counts."""
+    a, b = main.per_seed, ref.per_seed
+    if not a or not b:
+        return None, None
+    common = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in common] if common else [x - y for x in a.values() for y in b.values()]
+    if bound == "at_least":
+        margin = min(diffs) - value
+    elif bound == "at_most":
+        margin = value - max(diffs)
+    else:
+        margin = value - max(abs(d) for d in diffs)
+    spread = ((main.std or 0.0) ** 2 + (ref.std or 0.0) ** 2) ** 0.5 if main.n > 1 and ref.n > 1 else None
+    return margin, spread
+
+
+# A check whose bound lies more than this many observed spreads (std) beyond every observed
+# value cannot be failed by the runs it judges: noise of that size never reaches it.
+CANNOT_FAIL_SPREADS = 10.0
+
+
+def cannot_fail(row: Row, spreads: float = CANNOT_FAIL_SPREADS) -> bool:
+    """A passing check with a bound further than `spreads` x the observed spread from every
+    observed value (rows without a spread, i.e. one seed, are not judged)."""
+    return (row.verdict == PASS and row.margin is not None and row.spread is not None
+            and row.margin > spreads * max(row.spread, 1e-12))
 
 
 def _pm(d: _RuleData) -> str:

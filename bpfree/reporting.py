@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bpfree.claims import (CLAIMS_FILE, DIVERGED, FAIL, PASS, VERDICTS, ClaimResult, evaluate_all,
-                           load_registry, natural_key, load_summaries)
+from bpfree.claims import (CANNOT_FAIL_SPREADS, CLAIMS_FILE, DIVERGED, FAIL, PASS, VERDICTS, ClaimResult,
+                           cannot_fail, evaluate_all, load_registry, natural_key, load_summaries)
 from bpfree.provenance import atomic_write_text
 
 COLUMNS = ["claim", "rule", "paper value", "reproduced mean ± std", "seeds", "tolerance",
@@ -27,9 +27,16 @@ def claims_table(results: list[ClaimResult]) -> str:
     rows = []
     for res in results:
         for r in res.rows:
+            notes = r.notes
+            if cannot_fail(r):
+                kept = res.claim.cannot_fail.get(r.rule, "not declared")
+                notes = (f"CANNOT FAIL: the bound lies {r.margin / max(r.spread, 1e-12):.0f} observed spreads beyond "
+                         f"every seed; kept because: {' '.join(kept.split())}; {notes}")
+            elif r.margin is not None and r.spread:
+                notes = f"worst seed {r.margin:+.3g} inside the bound = {r.margin / r.spread:+.1f} spreads; {notes}"
             rows.append([_md(x) for x in (r.claim, r.rule, r.paper, r.reproduced, r.seeds,
                                            r.tolerance, r.verdict, r.profile, r.data_variant,
-                                           r.notes)])
+                                           notes)])
     return tabulate(rows, headers=COLUMNS, tablefmt="github", disable_numparse=True)
 
 
@@ -189,8 +196,8 @@ def render_paper(key: str, meta: dict, results: list[ClaimResult], summaries: di
 
 # What a reader needs from the front page: is the claim reproduced, and if not, what would
 # change that (a fix, a bigger budget, data we cannot reach, a GPU window, runs in progress)?
-CLASSES = ("PASS", "FAIL open", "FAIL budget", "DIVERGED", "NOT RUN data absent", "NOT RUN gpu pending",
-           "NOT RUN runs pending")
+CLASSES = ("PASS", "PASS cannot fail", "FAIL open", "FAIL budget", "DIVERGED", "NOT RUN data absent",
+           "NOT RUN gpu pending", "NOT RUN runs pending")
 
 
 def _shortened(res: ClaimResult, summaries: dict) -> bool:
@@ -203,8 +210,14 @@ def status_class(res: ClaimResult, results: list[ClaimResult], summaries: dict,
     """(class, note): FAIL budget when the profile ran a shortened protocol (noting a claim on
     the same experiment that passes at the full one); NOT RUN split by why."""
     c = res.claim
-    if res.verdict in (PASS, DIVERGED):
-        return res.verdict, ""
+    if res.verdict == PASS:
+        vacuous = [r.rule for r in res.rows if cannot_fail(r)]
+        if vacuous:
+            return "PASS cannot fail", (f"{', '.join(vacuous)}: bound beyond {CANNOT_FAIL_SPREADS:g} observed "
+                                        f"spreads of every seed")
+        return PASS, ""
+    if res.verdict == DIVERGED:
+        return DIVERGED, ""
     if res.verdict == FAIL:
         if not _shortened(res, summaries):
             return "FAIL open", ""
@@ -229,7 +242,8 @@ def short_reason(res: ClaimResult) -> str:
     """The failing rows (reproduced vs paper, tolerance) and the first sentence of a known
     failure's explanation; or the NOT RUN reason."""
     if res.verdict == PASS:
-        return ""
+        why = [res.claim.cannot_fail[r.rule] for r in res.rows if cannot_fail(r) and r.rule in res.claim.cannot_fail]
+        return f"Kept: {_first_sentence(why[0], 160)}" if why else ""
     bad = [r for r in res.rows if r.verdict not in (PASS, "NOT RUN")] or [r for r in res.rows if r.verdict != PASS]
     parts = []
     for r in bad[:2]:
@@ -325,7 +339,9 @@ def render_readme(papers: dict, by_paper: dict[str, list[ClaimResult]],
              "from `results/<profile>/runs/<experiment>/<run>/metrics.json` (seed, resolved config and "
              "its hash, code hash, data hash, device, package versions, git commit), summarised in "
              "`results/<profile>/summary.json`.", "",
-             "Classes: **FAIL open**: the protocol ran as stated and the claim failed; **FAIL budget**: "
+             "Classes: **PASS cannot fail**: it passes, but a check's bound lies more than "
+             f"{CANNOT_FAIL_SPREADS:g} observed spreads (std) beyond every seed, so these runs could not have "
+             "failed it; **FAIL open**: the protocol ran as stated and the claim failed; **FAIL budget**: "
              "the profile runs a shortened protocol; **DIVERGED**: a run's loss exploded; **NOT RUN data "
              "absent**: the dataset is not reachable from these machines; **NOT RUN gpu pending**: waits "
              "for a GPU window; **NOT RUN runs pending**: its cpu runs have not finished.", "",

@@ -76,3 +76,21 @@ def test_an_unstable_seed_is_counted_and_said():
     data = _rule_data(claim, "fa", summaries)
     assert data.status == "OK" and data.n == 2
     assert "UNSTABLE: seed 2 (loss 39x its first epoch's, from epoch 40)" in data.reason
+
+
+def test_checks_the_runs_cannot_fail_are_declared_with_a_reason():
+    """A passing check whose bound lies more than CANNOT_FAIL_SPREADS observed spreads beyond
+    every seed (bpfree.claims.cannot_fail) proves nothing about these runs: each must be
+    listed in its claim's `cannot_fail` with why it is kept (the front page then does not
+    count it as a PASS), and a listed one that no longer qualifies must be removed."""
+    from bpfree.claims import cannot_fail
+    undeclared, stale = [], []
+    for claim in CLAIMS:
+        if claim.profile not in SUMMARIES:
+            continue
+        rows = evaluate_claim(claim, SUMMARIES).rows
+        flagged = {r.rule for r in rows if cannot_fail(r)}
+        undeclared += [f"{claim.id}: {label}" for label in sorted(flagged - set(claim.cannot_fail))]
+        stale += [f"{claim.id}: {label}" for label in sorted(set(claim.cannot_fail) - flagged)]
+    assert not undeclared, "checks the runs cannot fail, not declared in cannot_fail:\n  " + "\n  ".join(undeclared)
+    assert not stale, "declared cannot_fail but the runs could fail them now (remove):\n  " + "\n  ".join(stale)

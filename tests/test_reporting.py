@@ -202,7 +202,7 @@ def test_write_reports(registry, tmp_path):
     assert "protocol shortened in this profile: YES" in paper
     readme = (results / "README.md").read_text()
     # The front page: one line per paper, claims by class (T-abs ran a shortened protocol).
-    assert "| [Toy paper](#toy-paper) | 3        | 1      |             | 1             |" in readme
+    assert "| [Toy paper](#toy-paper) | 3        | 1      |                    |             | 1             |" in readme
     assert "[page](tables/toy_paper.md)" in readme and "Profiles with a summary: cpu" in readme
     section = readme.split("## Toy paper", 1)[1].split("## Runs per profile", 1)[0]
     assert "PASS 1 · FAIL budget 1 · NOT RUN gpu pending 1" in section
@@ -294,3 +294,32 @@ def test_seeds_and_sweep_points_sort_as_numbers():
     from bpfree.claims import natural_key
     assert sorted(["100", "15", "2", "width100", "width15"], key=natural_key) == \
         ["2", "15", "100", "width15", "width100"]
+
+
+def test_a_check_whose_bound_no_seed_can_reach_is_flagged_and_not_counted_as_pass(registry, tmp_path):
+    from bpfree.claims import CANNOT_FAIL_SPREADS, cannot_fail, evaluate_claim, load_registry
+    from bpfree.reporting import status_class
+    reg = copy.deepcopy(REGISTRY)
+    reg["claims"].append({
+        "id": "T-cmp", "paper": "toy_paper", "provenance": {"kind": "qualitative", "source": "Sec. 5"},
+        "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_acc_pct",
+        "kind": "comparison", "profile": "cpu", "shortened": False, "statement": "usf beats fa",
+        "checks": [{"rule": "usf", "ref": {"rule": "fa"}, "at_least": 0.0}],
+        "tolerance_reason": "ordering"})
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    claim = {c.id: c for c in load_registry(path)[1]}["T-cmp"]
+    for e in GOOD.values():
+        e["scalars"] = {"test_acc_pct": e["selected_test_acc"]}
+        e["scalar_stats"] = {"test_acc_pct": e["selected_test_acc_stats"]}
+    close = evaluate_claim(claim, {"cpu": summary(GOOD)})  # usf 97.6 vs fa 95.1, spread ~0.6
+    (row,) = close.rows
+    assert row.verdict == PASS and row.margin == pytest.approx(97.5 - 95.5) and not cannot_fail(row)
+    far = copy.deepcopy(GOOD)
+    far["fa"] = rule_entry({"1": 50.0, "2": 50.1})
+    far["fa"]["scalars"] = {"test_acc_pct": far["fa"]["selected_test_acc"]}
+    far["fa"]["scalar_stats"] = {"test_acc_pct": far["fa"]["selected_test_acc_stats"]}
+    res = evaluate_claim(claim, {"cpu": summary(far)})
+    (row,) = res.rows
+    assert row.margin > CANNOT_FAIL_SPREADS * row.spread and cannot_fail(row)
+    assert status_class(res, [res], {}, {}, {})[0] == "PASS cannot fail"
