@@ -16,11 +16,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Stable colours per rule so the same rule looks the same in every figure.
-RULE_COLOURS = {"bp": "black", "fa": "tab:red", "adafa": "tab:orange", "usf": "tab:blue",
-                "brsf": "tab:cyan", "frsf": "tab:purple", "dfa": "tab:green", "kp": "tab:brown",
-                "wm": "tab:pink", "backman": "tab:olive", "lfp_eps": "tab:green", "lfp0": "tab:gray",
-                "tp": "tab:gray", "dtp": "tab:purple", "lra": "tab:cyan"}
+# One colour per rule, the same in every figure and never shared by two rules (tab20 and
+# a few tab10 extras; BP black as the reference).
+RULE_COLOURS = {"bp": "black", "fa": "#d62728", "adafa": "#ff7f0e", "usf": "#1f77b4", "brsf": "#17becf",
+                "frsf": "#9467bd", "kp": "#8c564b", "wm": "#e377c2", "dfa": "#2ca02c", "backman": "#bcbd22",
+                "lfp0": "#7f7f7f", "lfp_eps": "#98df8a", "lfp_ab": "#ffbb78", "lfp_zpzm": "#c5b0d5",
+                "lfnn": "#aec7e8", "lfnn_l": "#ff9896", "lfnn_heads": "#c49c94", "tp": "#f7b6d2",
+                "dtp": "#dbdb8d", "lra": "#9edae5"}
+LEGEND = {"loc": "center left", "bbox_to_anchor": (1.01, 0.5), "frameon": False}  # outside the data
+
+
 PNG_METADATA = {"Software": None}  # no version stamp: same data, same bytes
 
 
@@ -56,13 +61,15 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
     if not series:
         return None
     param = (summary["experiments"][spec["experiment"]].get("sweep") or {}).get("param", "sweep")
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6.6, 3.6), layout="constrained")
     for rule, points in sorted(series.items()):
         xs, ys, es = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
         ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=rule,
                     color=RULE_COLOURS.get(rule))
     if spec.get("log_y") and all(p[1] > 0 for pts in series.values() for p in pts):
         ax.set_yscale("log")
+    if spec.get("log_x"):  # where the action is at the small end of the sweep (B2's widths)
+        ax.set_xscale("log")
     if spec.get("chance") is not None:  # the paper's Figure 1 marks chance level
         ax.axhline(spec["chance"], ls="--", lw=1, color="grey", label=spec.get("chance_label", "chance"))
     n = sorted({p[3] for pts in series.values() for p in pts})
@@ -71,7 +78,7 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
     ax.set_title(f"{spec['experiment']} ({spec['profile']}, n = {'/'.join(map(str, n))} repeats)",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **LEGEND)
     return _save(fig, path)
 
 
@@ -92,12 +99,31 @@ def _run_curve(metrics: dict, column: str) -> tuple[list, list]:
     return epochs, values
 
 
-def mean_curves(runs_dir: Path, column: str, at=None) -> dict[str, tuple[list, list]]:
-    """rule -> (epochs, mean over repeats) of a diagnostics column at one sweep point."""
-    per_rule: dict[str, dict[int, list[float]]] = {}
+def current_runs(runs_dir: Path, summary: dict | None, experiment: str):
+    """The metrics.json of runs the summary counts as OK (the config-hash check of evaluate),
+    so a figure never mixes in stale runs of an older config; without a summary, every OK run."""
+    from bpfree.config import sweep_label
+    rules = (((summary or {}).get("experiments") or {}).get(experiment) or {}).get("rules")
     for path in sorted(Path(runs_dir).glob("*/metrics.json")):
         with open(path) as fh:
             m = json.load(fh)
+        if m.get("status") != "OK":
+            continue
+        if rules is not None:
+            config = m.get("config") or {}
+            sweep, key = config.get("sweep"), config.get("rule", {}).get("name")
+            if sweep:
+                key = f"{key}@{sweep_label(sweep['param'])}={sweep['value']}"
+            if (rules.get(key) or {}).get("status", {}).get(str(m.get("seed"))) != "OK":
+                continue
+        yield m
+
+
+def mean_curves(runs_dir: Path, column: str, at=None, summary: dict | None = None,
+                experiment: str = "") -> dict[str, tuple[list, list]]:
+    """rule -> (epochs, mean over repeats) of a diagnostics column at one sweep point."""
+    per_rule: dict[str, dict[int, list[float]]] = {}
+    for m in current_runs(runs_dir, summary, experiment):
         if m.get("status") != "OK":
             continue
         sweep = (m.get("config") or {}).get("sweep")
@@ -111,15 +137,15 @@ def mean_curves(runs_dir: Path, column: str, at=None) -> dict[str, tuple[list, l
             for rule, by_epoch in per_rule.items()}
 
 
-def plot_curves(results_dir: Path, spec: dict, path: Path) -> Path | None:
+def plot_curves(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """Grid: one row per column (quantity), one panel per sweep point; a line per rule."""
     runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
     points = spec.get("at") or [None]
     columns = spec["columns"]
-    data = {(c, a): mean_curves(runs_dir, c, a) for c in columns for a in points}
+    data = {(c, a): mean_curves(runs_dir, c, a, summary, spec["experiment"]) for c in columns for a in points}
     if not any(data.values()):
         return None
-    fig, axes = plt.subplots(len(columns), len(points), figsize=(4.2 * len(points), 3.0 * len(columns)), layout="constrained",
+    fig, axes = plt.subplots(len(columns), len(points), figsize=(4.2 * len(points) + 1.4, 3.0 * len(columns)), layout="constrained",
                              squeeze=False)
     for i, column in enumerate(columns):
         for j, at in enumerate(points):
@@ -132,19 +158,17 @@ def plot_curves(results_dir: Path, spec: dict, path: Path) -> Path | None:
                 ax.set_title(f"width {at}" if "width" in spec["experiment"] else f"{at}", fontsize=9)
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, **LEGEND)
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over repeats", fontsize=9)
     return _save(fig, path)
 
 
-def plot_task_matrix(results_dir: Path, spec: dict, path: Path) -> Path | None:
+def plot_task_matrix(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """Mean test accuracy on task t (column) after learning task i (row), one panel per rule."""
     runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
     per_rule: dict[str, list] = {}
-    for file in sorted(runs_dir.glob("*/metrics.json")):
-        with open(file) as fh:
-            m = json.load(fh)
-        if m.get("status") == "OK" and m.get("task_accuracy"):
+    for m in current_runs(runs_dir, summary, spec["experiment"]):
+        if m.get("task_accuracy"):
             per_rule.setdefault(m["config"]["rule"]["name"], []).append(m["task_accuracy"])
     if not per_rule:
         return None
@@ -182,7 +206,7 @@ def plot_pruning(summary: dict, spec: dict, path: Path) -> Path | None:
     if not data:
         return None
     shown = [m for m in methods if m in data]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.8 * len(shown), 3.2), layout="constrained",
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.8 * len(shown) + 1.4, 3.2), layout="constrained",
                              squeeze=False, sharey=True)
     for ax, method in zip(axes[0], shown):
         for rule, points in sorted(data[method].items()):
@@ -193,21 +217,19 @@ def plot_pruning(summary: dict, spec: dict, path: Path) -> Path | None:
         ax.set_xlabel("weights pruned %")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy %")
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, **LEGEND)
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), no fine-tuning, mean over seeds", fontsize=9)
     return _save(fig, path)
 
 
-def plot_history(results_dir: Path, spec: dict, path: Path) -> Path | None:
+def plot_history(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """A per-epoch history column (e.g. test_acc) against epoch: one panel per sweep point,
     one line per rule, mean over seeds."""
     runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
     column = spec.get("column", "test_acc")
     points = spec.get("at") or [None]
     data: dict = {}
-    for file in sorted(runs_dir.glob("*/metrics.json")):
-        with open(file) as fh:
-            m = json.load(fh)
+    for m in current_runs(runs_dir, summary, spec["experiment"]):
         sweep = (m.get("config") or {}).get("sweep")
         at = str(sweep["value"]) if sweep else None
         if m.get("status") != "OK" or (spec.get("at") and at not in map(str, points)):
@@ -219,7 +241,7 @@ def plot_history(results_dir: Path, spec: dict, path: Path) -> Path | None:
     if not data:
         return None
     keys = [str(p) if p is not None else None for p in points]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), layout="constrained",
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys) + 1.4, 3.2), layout="constrained",
                              squeeze=False, sharey=True)
     for ax, at in zip(axes[0], keys):
         for rule, by_epoch in sorted((data.get(at) or {}).items()):
@@ -230,7 +252,7 @@ def plot_history(results_dir: Path, spec: dict, path: Path) -> Path | None:
             ax.set_title(f"{spec.get('at_label', 'sweep')} = {at}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **LEGEND)
     axes[0][0].set_ylabel(spec.get("ylabel", column))
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over seeds", fontsize=9)
     return _save(fig, path)
@@ -270,7 +292,7 @@ def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experim
     points = sorted(files, key=lambda v: (v is not None, v))
     cols = min(len(points), 5)
     rows = math.ceil(len(points) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), layout="constrained",
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.6, 2.8 * rows), layout="constrained",
                              squeeze=False, sharey=True)
     param = ((summary["experiments"][experiment].get("sweep") or {}).get("param") or "").rsplit(".", 1)[-1]
     for index, at in enumerate(points):
@@ -285,7 +307,7 @@ def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experim
         if index % cols == 0:
             ax.set_ylabel("test accuracy %" if column == "test_acc" else column, fontsize=8)
         if index == 0:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, **LEGEND)
     for index in range(len(points), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
     fig.suptitle(f"{experiment} ({profile}): learning curves, mean over seeds", fontsize=9)
@@ -318,10 +340,10 @@ def draw_figure(results_dir: Path, summaries: dict, spec: dict) -> tuple[Path | 
     if exp.get("not_run"):
         return None, f"NOT RUN: {exp['not_run']}"
     drawers = {"sweep": lambda: plot_sweep(summary, spec, path),
-               "curve": lambda: plot_curves(results_dir, spec, path),
-               "task_matrix": lambda: plot_task_matrix(results_dir, spec, path),
+               "curve": lambda: plot_curves(results_dir, spec, path, summary),
+               "task_matrix": lambda: plot_task_matrix(results_dir, spec, path, summary),
                "pruning": lambda: plot_pruning(summary, spec, path),
-               "history": lambda: plot_history(results_dir, spec, path)}
+               "history": lambda: plot_history(results_dir, spec, path, summary)}
     drawn = drawers[spec["kind"]]()
     if drawn is None:
         path.unlink(missing_ok=True)  # no stale figure of runs that are gone

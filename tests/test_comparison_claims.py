@@ -165,7 +165,7 @@ def test_reports_draw_and_link_figures(registry, tmp_path):
     written = write_reports(results, registry)
     png = results / "figures" / "dev_vs_width.png"
     assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "figures/dev_vs_width.png" in (results / "README.md").read_text()
+    assert "(tables/p.md)" in (results / "README.md").read_text()  # figures live on the paper page
     assert "../figures/dev_vs_width.png" in (results / "tables" / "p.md").read_text()
     first = png.read_bytes()
     write_reports(results, registry)

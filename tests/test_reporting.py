@@ -323,3 +323,23 @@ def test_a_check_whose_bound_no_seed_can_reach_is_flagged_and_not_counted_as_pas
     (row,) = res.rows
     assert row.margin > CANNOT_FAIL_SPREADS * row.spread and cannot_fail(row)
     assert status_class(res, [res], {}, {}, {})[0] == "PASS cannot fail"
+
+
+def test_every_rule_has_its_own_colour_in_every_figure():
+    from bpfree import list_rules
+    from bpfree.plots import RULE_COLOURS
+    assert set(list_rules()) <= set(RULE_COLOURS)
+    assert len(set(RULE_COLOURS.values())) == len(RULE_COLOURS)
+
+
+def test_figures_leave_out_runs_the_summary_does_not_count(tmp_path):
+    """A stale run (an older config the summary no longer counts as OK) stays out of figures."""
+    from bpfree.plots import current_runs
+    runs = tmp_path / "runs"
+    for run_id, seed in (("bp_seed1", 1), ("bp_seed0", 0)):
+        (runs / run_id).mkdir(parents=True)
+        (runs / run_id / "metrics.json").write_text(json.dumps(
+            {"status": "OK", "seed": seed, "config": {"rule": {"name": "bp"}}}))
+    summary_ = {"experiments": {"E1": {"rules": {"bp": {"status": {"1": "OK"}}}}}}
+    assert [m["seed"] for m in current_runs(runs, summary_, "E1")] == [1]
+    assert sorted(m["seed"] for m in current_runs(runs, None, "E1")) == [0, 1]
