@@ -198,7 +198,12 @@ def _validate_rules(rules, path, rule_names) -> None:
         spec = {} if spec is None else spec
         _mapping(spec, f"{path}.{name}")
         _keys(spec, {"lr": False, "options": False}, f"{path}.{name}")
-        if "lr" in spec and spec["lr"] != TUNED:
+        if isinstance(spec.get("lr"), dict):  # one lr per sweep value (the authors' per-depth lrs)
+            if not spec["lr"]:
+                raise ConfigError(f"{path}.{name}.lr", spec["lr"], "a per-sweep-value lr mapping needs entries")
+            for point, lr in spec["lr"].items():
+                _positive(lr, f"{path}.{name}.lr.{point}")
+        elif "lr" in spec and spec["lr"] != TUNED:
             _positive(spec["lr"], f"{path}.{name}.lr")
         options = spec.get("options") or {}
         _mapping(options, f"{path}.{name}.options")
@@ -273,6 +278,14 @@ def _validate_experiment(exp, path, ctx) -> None:
     _seeds(exp["seeds"], f"{path}.seeds")
     _int(exp["val_size"], f"{path}.val_size", 0)
     _choice(exp["selection"], f"{path}.selection", SELECTIONS)
+    for name, spec in exp["rules"].items():
+        if isinstance((spec or {}).get("lr"), dict):
+            values = (exp.get("sweep") or {}).get("values")
+            if values is None:
+                raise ConfigError(f"{path}.rules.{name}.lr", spec["lr"], "an lr per sweep value needs a sweep")
+            missing = [v for v in values if v not in spec["lr"]]
+            if missing:
+                raise ConfigError(f"{path}.rules.{name}.lr", spec["lr"], f"no lr for sweep value(s) {missing}")
     _int(exp.get("data_seed", 0), f"{path}.data_seed", 0)
     pre = exp.get("preprocess", {}) or {}
     _mapping(pre, f"{path}.preprocess")
@@ -781,6 +794,11 @@ def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[d
                        if k not in ("rules", "seeds", "tuning", "sweep", "skip")}
                 run["rule"] = {"name": rule, "options": dict(spec.get("options") or {})}
                 lr = spec.get("lr", exp["optimizer"]["lr"])
+                if isinstance(lr, dict):
+                    if value not in lr:
+                        raise ConfigError(f"experiments.{exp_id}.rules.{rule}.lr", lr,
+                                          f"no lr for sweep value {value!r}")
+                    lr = lr[value]
                 run["optimizer"]["lr"] = tuned_lr(exp_id, rule) if lr == TUNED else float(lr)
                 run["lr_source"] = f"results/tuning/{exp_id}/{rule}.json" if lr == TUNED else "params.yaml"
                 run["seed"] = seed
