@@ -69,6 +69,9 @@ PARAMS_ROWS = [
     ("a BackMAN alpha list that fits only the first depth", "C2_mnist_depth",
      {"experiments.C2_mnist_depth.rules.backman": {"lr": 0.005, "options": {"alpha": [1.0, 1.0, 1.0]}}},
      "depth4"),
+    ("an lr per depth that misses a depth", "C2_mnist_depth",
+     {"experiments.C2_mnist_depth.rules.backman": {"lr": {2: 0.05, 4: 0.01}}},
+     "no lr for sweep value"),
 ]
 
 
