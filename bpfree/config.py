@@ -197,7 +197,9 @@ def _validate_rules(rules, path, rule_names) -> None:
         _choice(name, f"{path}.{name}", rule_names)
         spec = {} if spec is None else spec
         _mapping(spec, f"{path}.{name}")
-        _keys(spec, {"lr": False, "options": False}, f"{path}.{name}")
+        _keys(spec, {"lr": False, "options": False, "batch_size": False}, f"{path}.{name}")
+        if "batch_size" in spec:  # the authors' per-rule batch (BackMAN 64 where BP uses 512)
+            _int(spec["batch_size"], f"{path}.{name}.batch_size", 1)
         if isinstance(spec.get("lr"), dict):  # one lr per sweep value (the authors' per-depth lrs)
             if not spec["lr"]:
                 raise ConfigError(f"{path}.{name}.lr", spec["lr"], "a per-sweep-value lr mapping needs entries")
@@ -783,6 +785,9 @@ def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[d
     the same draw for every rule and sweep value of that repeat.
     """
     exp = resolve_experiment(params, exp_id, profile)
+    # a profile's batch_size (a small smoke set) wins over a rule's own batch
+    profile_batch = "batch_size" in (params["profiles"][DEFAULT_PROFILE if profile is None else profile]
+                                     .get(exp_id) or {})
     sweep = exp.get("sweep")
     points = [(None, None)] if not sweep else [(sweep["param"], v) for v in sweep["values"]]
     runs = []
@@ -793,6 +798,8 @@ def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[d
                 run = {k: copy.deepcopy(v) for k, v in exp.items()
                        if k not in ("rules", "seeds", "tuning", "sweep", "skip")}
                 run["rule"] = {"name": rule, "options": dict(spec.get("options") or {})}
+                if "batch_size" in spec and not profile_batch:
+                    run["batch_size"] = int(spec["batch_size"])
                 lr = spec.get("lr", exp["optimizer"]["lr"])
                 if isinstance(lr, dict):
                     if value not in lr:

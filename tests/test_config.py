@@ -306,3 +306,17 @@ def test_a_learning_rate_must_be_finite(params, value):
     """YAML's .inf passed as a positive number and was stored as null."""
     params["experiments"]["A2_mnist_mlp"]["rules"]["fa"]["lr"] = value
     expect(params, "experiments.A2_mnist_mlp.rules.fa.lr")
+
+
+def test_a_rule_may_bring_its_own_batch_and_an_lr_per_sweep_value():
+    """The BackMAN authors train BackMAN at batch 64 where BP uses 512 (C1), and give one lr
+    per depth (C2); a profile's own batch (a small smoke set) still wins."""
+    from bpfree.config import load_params, run_configs
+    params = load_params()
+    runs = {r["run_id"]: r for r in run_configs(params, "C1_split_mnist", "gpu")}
+    assert runs["bp_seed1"]["batch_size"] == 512 and runs["backman_seed1"]["batch_size"] == 64
+    params["profiles"]["smoke"]["C1_split_mnist"]["batch_size"] = 128
+    assert {r["batch_size"] for r in run_configs(params, "C1_split_mnist", "smoke")} == {128}
+    lrs = {r["run_id"]: r["optimizer"]["lr"] for r in run_configs(load_params(), "C2_mnist_depth", "gpu")}
+    assert lrs["backman_depth2_seed1"] == 0.05 and lrs["backman_depth6_seed1"] == 0.01
+    assert lrs["backman_depth12_seed1"] == 0.002 and lrs["bp_depth12_seed1"] == 0.25
