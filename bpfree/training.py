@@ -404,8 +404,9 @@ def predicted_class(out: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
-                   y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float | None, float | None]:
-    """(top-1 accuracy in percent, mean loss); (None, None) for an empty split."""
+                   y: torch.Tensor, loss_fn: LossFn | None = F.cross_entropy) -> tuple[float | None, float | None]:
+    """(top-1 accuracy in percent, mean loss); (None, None) for an empty split; loss None
+    when loss_fn is None (accuracy alone: no loss that might not fit the net's output)."""
     if len(y) == 0:
         return None, None
     was_training = model.training
@@ -416,14 +417,15 @@ def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
         out = model(images.prepare(x[i:i + EVAL_BATCH]))
         correct += (predicted_class(out) == y[i:i + EVAL_BATCH]).sum()
         yb = y[i:i + EVAL_BATCH]
-        loss_sum += loss_fn(out.float(), yb).double() * len(yb)
+        if loss_fn is not None:
+            loss_sum += loss_fn(out.float(), yb).double() * len(yb)
     model.train(was_training)
-    return 100.0 * correct.item() / len(y), loss_sum.item() / len(y)
+    return 100.0 * correct.item() / len(y), None if loss_fn is None else loss_sum.item() / len(y)
 
 
 def accuracy(model: nn.Module, images: DeviceSplits, x: torch.Tensor, y: torch.Tensor) -> float | None:
     """Top-1 accuracy in percent; None for an empty split."""
-    return evaluate_split(model, images, x, y)[0]
+    return evaluate_split(model, images, x, y, loss_fn=None)[0]
 
 
 # torch.compile's backend; tests set BPFREE_COMPILE_BACKEND=aot_eager (no C++ toolchain needed).

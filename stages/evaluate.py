@@ -240,7 +240,7 @@ def pruning_evaluation(metrics: dict, run: dict, data_cache: dict, spec: dict) -
     fractions = [round(i * step, 6) for i in range(int(round(1 / step)))]
     curves = {}
     for method in spec["methods"]:
-        curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test)[0],
+        curves[method] = pruning_curve(model, lambda m: evaluate_split(m, images, x_test, y_test, loss_fn=None)[0],
                                        method, fractions, scores if method == "relevance" else None,
                                        spec.get("layers", "all"))
     result = {"checkpoint_sha256": digest, "run_config_hash": metrics["config_hash"], "spec": spec,

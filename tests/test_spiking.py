@@ -163,3 +163,23 @@ def test_the_snn_membrane_rule_and_per_step_losses_reject_what_they_cannot_handl
         ce_rate(torch.rand(4, 10), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="spiking readout"):
         build_model("spiking_mlp", 10, readout="rates")
+
+
+def test_a_spike_train_output_is_scored_by_spike_counts_wherever_accuracy_is_read(params, mnist):
+    """A net with readout steps returns (batch, classes, steps): accuracy (the evaluate stage's
+    checkpoint re-check, pruning curves) counts spikes and never applies a loss that only fits
+    logits; evaluate_split with the run's own loss (ce_rate) gives both numbers."""
+    from bpfree.config import run_configs
+    from bpfree.losses import ce_rate
+    from bpfree.training import accuracy, device_splits, evaluate_split
+    run = run_configs(params, "E4_mnist_spiking", "smoke")[0]
+    images = device_splits(mnist, run, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model("spiking_mlp", 10, steps=3, width=32, reset="snntorch", readout="steps")
+    x, y = images.x_test[:64], images.y_test[:64]
+    acc = accuracy(model, images, x, y)
+    both = evaluate_split(model, images, x, y, ce_rate)
+    assert acc == both[0] and 0 <= acc <= 100 and both[1] > 0
+    with torch.no_grad():
+        counts = model(images.prepare(x)).sum(2)
+    assert acc == pytest.approx(100.0 * (counts.argmax(1) == y).float().mean().item())
