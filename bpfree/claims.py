@@ -498,10 +498,11 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
             v = main.mean
             margin = spread = None
             seeds = list(main.per_seed.values())
+            one_seed = main.n < 2  # no observed spread to measure the bound against
             if "max" in chk and seeds:
-                margin, spread = chk["max"] - max(seeds), main.std
+                margin, spread = chk["max"] - max(seeds), None if one_seed else main.std
             elif "min" in chk and seeds:
-                margin, spread = min(seeds) - chk["min"], main.std
+                margin, spread = min(seeds) - chk["min"], None if one_seed else main.std
             if "max" in chk:
                 ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
             elif "min" in chk:
