@@ -284,8 +284,10 @@ def _read_curve(path: Path, column: str) -> tuple[list[float], list[float], int]
 
 
 def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experiment: str, path: Path,
-                         column: str = "test_acc") -> Path | None:
-    """Test accuracy against epoch, mean over seeds: a panel per sweep point, a line per rule."""
+                         column: str = "test_acc", claims: list[dict] | None = None) -> Path | None:
+    """Test accuracy against epoch, mean over seeds: a panel per sweep point, a line per rule.
+    `claims` (id, verdict, and for absolute claims the paper's accuracy and band per rule): the
+    paper's value as a dashed line in the rule's colour with its band shaded, verdicts in the title."""
     files = learning_curve_files(results_dir, summary, profile, experiment)
     if not files:
         return None
@@ -300,6 +302,12 @@ def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experim
         for rule, file in sorted(files[at].items()):
             xs, ys, n = _read_curve(file, column)
             ax.plot(xs, ys, lw=1.1, label=f"{rule} (n={n})", color=RULE_COLOURS.get(rule))
+            for claim in claims or []:
+                if at is None and rule in claim.get("paper_acc", {}) and column == "test_acc":
+                    value, band = claim["paper_acc"][rule], claim["band"][rule]
+                    colour = RULE_COLOURS.get(rule, "grey")
+                    ax.axhline(value, ls="--", lw=0.8, color=colour)
+                    ax.axhspan(value - band, value + band, color=colour, alpha=0.08, lw=0)
         if at is not None:
             ax.set_title(f"{param} = {at}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
@@ -310,18 +318,25 @@ def plot_learning_curves(results_dir: Path, summary: dict, profile: str, experim
             ax.legend(fontsize=7, **LEGEND)
     for index in range(len(points), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
-    fig.suptitle(f"{experiment} ({profile}): learning curves, mean over seeds", fontsize=9)
+    title = f"{experiment} ({profile}): learning curves, mean over seeds"
+    if claims:
+        title += "\n" + "; ".join(f"{c['id']}: {c['verdict']}" for c in claims)
+        if any(c.get("paper_acc") for c in claims):
+            title += " (dashed: paper value, shaded: tolerance)"
+    fig.suptitle(title, fontsize=8)
     return _save(fig, path)
 
 
-def draw_learning_curves(results_dir: Path, summaries: dict, profile: str, experiment: str) -> tuple[Path | None, str]:
+def draw_learning_curves(results_dir: Path, summaries: dict, profile: str, experiment: str,
+                         claims: list[dict] | None = None) -> tuple[Path | None, str]:
     """figures/learning_curves_<profile>_<experiment>.png, or why it is not drawn."""
     path = Path(results_dir) / "figures" / f"learning_curves_{profile}_{experiment}.png"
     summary = summaries.get(profile) or {}
     exp = (summary.get("experiments") or {}).get(experiment)
     why = ("no summary" if not summary else "absent from the summary" if exp is None
            else f"NOT RUN: {exp['not_run']}" if exp.get("not_run") else "")
-    drawn = None if why else plot_learning_curves(results_dir, summary, profile, experiment, path)
+    drawn = None if why else plot_learning_curves(results_dir, summary, profile, experiment, path,
+                                                  claims=claims)
     if drawn is None:
         path.unlink(missing_ok=True)
         return None, why or "no learning curves (task sequences log per task, or no finished run)"

@@ -404,6 +404,17 @@ def metrics_record(results: list[ClaimResult], summary: dict | None, profile: st
 METRIC_PROFILES = ("smoke", "cpu", "gpu")
 
 
+def figure_marks(res: ClaimResult) -> dict:
+    """What a learning-curve figure shows of a claim: its verdict, and for absolute claims the
+    paper's value as test accuracy with its band, per rule."""
+    c, marks = res.claim, {"id": res.claim.id, "verdict": res.verdict}
+    if c.kind == "absolute" and c.metric in ("test_acc_pct", "test_error_pct"):
+        to_acc = (lambda v: 100.0 - v) if c.metric == "test_error_pct" else (lambda v: v)
+        marks["paper_acc"] = {rule: to_acc(v) for rule, v in c.values.items()}
+        marks["band"] = {rule: c.tolerance_for(rule) for rule in c.values}
+    return marks
+
+
 def experiment_datasets() -> dict[str, str]:
     """experiment -> dataset, from params.yaml (an experiment no profile ran is still classed)."""
     from bpfree.config import PARAMS_FILE, load_yaml
@@ -444,7 +455,8 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
     for res in by_paper.values():
         for profile, experiment in claims_used(res):
             if (profile, experiment) not in curves:
-                curves[(profile, experiment)] = draw_learning_curves(results_dir, summaries, profile, experiment)
+                marks = [figure_marks(r) for r in results if (r.claim.profile, r.claim.experiment) == (profile, experiment)]
+                curves[(profile, experiment)] = draw_learning_curves(results_dir, summaries, profile, experiment, marks)
                 if curves[(profile, experiment)][0] is not None:
                     written.append(curves[(profile, experiment)][0])
     protocols = load_protocols() if Path(claims_path).resolve() == CLAIMS_FILE.resolve() else {}
