@@ -46,6 +46,11 @@ def sweep_series(summary: dict, experiment: str, metric: str) -> dict[str, list[
     return series
 
 
+def _verdicts(spec: dict) -> str:
+    """The verdicts of the claims that read this figure's experiment (set by the report)."""
+    return ("\n" + "; ".join(spec["verdicts"])) if spec.get("verdicts") else ""
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -70,12 +75,15 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
         ax.set_yscale("log")
     if spec.get("log_x"):  # where the action is at the small end of the sweep (B2's widths)
         ax.set_xscale("log")
+        ticks = sorted({p[0] for pts in series.values() for p in pts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.minorticks_off()
     if spec.get("chance") is not None:  # the paper's Figure 1 marks chance level
         ax.axhline(spec["chance"], ls="--", lw=1, color="grey", label=spec.get("chance_label", "chance"))
     n = sorted({p[3] for pts in series.values() for p in pts})
     ax.set_xlabel(param.rsplit(".", 1)[-1])
     ax.set_ylabel(spec.get("ylabel", spec["metric"]))
-    ax.set_title(f"{spec['experiment']} ({spec['profile']}, n = {'/'.join(map(str, n))} repeats)",
+    ax.set_title(f"{spec['experiment']} ({spec['profile']}, n = {'/'.join(map(str, n))} repeats)" + _verdicts(spec),
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, **LEGEND)
@@ -159,7 +167,7 @@ def plot_curves(results_dir: Path, spec: dict, path: Path, summary: dict | None 
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8, **LEGEND)
-    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over repeats", fontsize=9)
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over repeats" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
 
 
@@ -188,6 +196,8 @@ def plot_task_matrix(results_dir: Path, spec: dict, path: Path, summary: dict | 
         ax.set_yticks(range(k), [f"after T{i + 1}" for i in range(k)])
         ax.set_title(f"{rule} ({len(mats)} seeds)", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test accuracy %")
+    if spec.get("verdicts"):
+        fig.suptitle("; ".join(spec["verdicts"]), fontsize=8)
     return _save(fig, path)
 
 
@@ -218,7 +228,7 @@ def plot_pruning(summary: dict, spec: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy %")
     axes[0][-1].legend(fontsize=8, **LEGEND)
-    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), no fine-tuning, mean over seeds", fontsize=9)
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), no fine-tuning, mean over seeds" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
 
 
@@ -254,7 +264,7 @@ def plot_history(results_dir: Path, spec: dict, path: Path, summary: dict | None
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, **LEGEND)
     axes[0][0].set_ylabel(spec.get("ylabel", column))
-    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over seeds", fontsize=9)
+    fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over seeds" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
 
 

@@ -447,7 +447,9 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
     from bpfree.plots import draw_figure  # matplotlib only when figures are drawn
     for key, meta in papers.items():
         for spec in meta.get("figures") or []:
-            figures[spec["name"]] = draw_figure(results_dir, summaries, spec)
+            verdicts = [f"{r.claim.id}: {r.verdict}" for r in results
+                        if (r.claim.profile, r.claim.experiment) == (spec["profile"], spec["experiment"])]
+            figures[spec["name"]] = draw_figure(results_dir, summaries, {**spec, "verdicts": verdicts})
             if figures[spec["name"]][0] is not None:
                 written.append(figures[spec["name"]][0])
     from bpfree.plots import draw_learning_curves
