@@ -1,5 +1,7 @@
 """Step and spiking nets: LIF dynamics, surrogate vs plain gradient, reward through spikes."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,10 @@ import torch.nn.functional as F
 
 from bpfree.models import LIF, SpikeFunction, build_model
 from bpfree.rules import apply_rule
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+sys.path.insert(0, str(REFERENCE))
+from snn_case import CLASSES, STEPS, batch, draw_weights, sample  # noqa: E402
 
 
 def test_lif_integrates_leaks_and_resets_by_subtraction():
@@ -57,10 +63,6 @@ def test_unknown_surrogate_is_rejected():
 
 def _deepersnn_spike_train(reset: str):
     """Our deepersnn on the parity case: its per-step output spikes and ce_rate_loss."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
-    from snn_case import CLASSES, STEPS, batch, draw_weights
     # snnTorch keeps beta in a float32 buffer: 0.9 is 0.89999997615814 there (as in our float32 runs)
     beta = float(torch.tensor(0.9, dtype=torch.float32))
     model = build_model("deepersnn", CLASSES, steps=STEPS, beta=beta, surrogate="atan", reset=reset).double()
@@ -82,11 +84,7 @@ def test_deepersnn_runs_as_the_authors_snntorch_net():
     float64, run in lfprop's venv): our deepersnn with reset "snntorch" gives the same output
     spike train and the same surrogate-gradient BPTT weight gradients; our older "decayed"
     reset does not, so the comparison can fail."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
-    from snn_case import sample
-    ref = torch.load(Path(__file__).resolve().parent / "reference" / "deepersnn_snntorch.pt", weights_only=True)
+    ref = torch.load(REFERENCE / "deepersnn_snntorch.pt", weights_only=True)
     model, spikes, loss = _deepersnn_spike_train("snntorch")
     assert [n for n, _ in model.named_parameters()] == [
         f"body.{n}.weight" for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "classifier")]
@@ -115,13 +113,9 @@ def test_lfp_through_spiking_nets_equals_the_authors_snn_rule():
     reward snn_rate_coded, reward_scale sum and snn membrane on deepersnn (readout steps,
     loss ce_rate) gives every weight the same feedback, to 1e-9. Passing the reward straight
     through each LIF (snn pass, our default) does not, so the comparison can fail."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
-    from snn_case import CLASSES, STEPS, batch, draw_weights, sample
     from bpfree.losses import ce_rate
     from bpfree.rules.relevance import snn_rate_coded_reward
-    ref = torch.load(Path(__file__).resolve().parent / "reference" / "lfprop_snn_1.0.0.pt", weights_only=True)
+    ref = torch.load(REFERENCE / "lfprop_snn_1.0.0.pt", weights_only=True)
     beta = float(torch.tensor(0.9, dtype=torch.float32))  # snnTorch's float32 buffer
 
     def feedback(snn_mode):

@@ -40,13 +40,19 @@ surrogate.ATan.forward = staticmethod(_atan_forward_in_input_dtype)
 OUT = Path(__file__).resolve().parent / "deepersnn_snntorch.pt"
 
 
-def main():
+def authors_case():
+    """(the authors' DeeperSNN in float64 with the parity case's weights, its parameter names,
+    x, y), hidden state reset; noise off as in every SNN config (SNN_APPLY_NOISE [False])."""
     torch.manual_seed(0)
     model = DeeperSNN(3, CLASSES, 0.9, spike_grad="atan", reset_delay=True, apply_noise=False).double()
     names = [n for n, _ in model.named_parameters()]
     draw_weights([p for _, p in model.named_parameters()])
-    x, y = batch()
     model.reset()
+    return model, names, *batch()
+
+
+def main():
+    model, names, x, y = authors_case()
     spikes = torch.stack([model(x)[0] for _ in range(STEPS)])
     loss = SF.ce_rate_loss()(spikes, y)
     grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -18,26 +18,18 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from lfprop.model.spiking_networks import DeeperSNN
 from lfprop.propagation.propagator_snn import LFPSNNEpsilonComposite
 from lfprop.rewards.reward_functions import SnnCorrectClassRewardSpikesRateCoded
-from snntorch import surrogate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepersnn_reference import _atan_forward_in_input_dtype  # noqa: E402
-from snn_case import CLASSES, STEPS, batch, draw_weights, sample  # noqa: E402
+from deepersnn_reference import authors_case  # noqa: E402  (also keeps ATan in float64)
+from snn_case import STEPS, sample  # noqa: E402
 
-surrogate.ATan.forward = staticmethod(_atan_forward_in_input_dtype)
 OUT = Path(__file__).resolve().parent / "lfprop_snn_1.0.0.pt"
 
 
 def main():
-    torch.manual_seed(0)
-    model = DeeperSNN(3, CLASSES, 0.9, spike_grad="atan", reset_delay=True, apply_noise=False).double()
-    names = [n for n, _ in model.named_parameters()]
-    draw_weights([p for _, p in model.named_parameters()])
-    x, y = batch()
-    model.reset()
+    model, names, x, y = authors_case()
     model.train()
     with LFPSNNEpsilonComposite().context(model) as modified:
         inputs = x.detach().requires_grad_(True)
