@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,10 @@ def _validate_comparison(claim: Claim, where: str) -> None:
             _check(needs_ref == isinstance(chk.get("ref"), dict), w,
                    "at_most / at_least / within compare with a ref: {rule, at, metric}; "
                    "max / min bound the value itself")
+        if "margin_se" in chk:
+            _check(bound in ("at_least", "at_most") and _number(chk["margin_se"]) and chk["margin_se"] > 0, w,
+                   "margin_se (a number > 0) clears an at_least / at_most bound by that many standard "
+                   "errors of the difference")
         for m in (chk.get("metric"), (chk.get("ref") or {}).get("metric")):
             _check(m is None or known_metric(m), w, f"unknown metric {m!r}")
         labels.append(check_label(chk))
@@ -523,11 +528,15 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
                 diff = v - others[0].mean
                 bound = [k for k in ("at_most", "at_least", "within") if k in chk][0]
                 margin, spread = _diff_margin(main, others[0], bound, chk[bound])
-                ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
-                      "within": abs(diff) <= chk.get("within", 0)}[bound]
                 sym = {"at_most": "≤", "at_least": "≥", "within": "|·| ≤"}[bound]
-                tol = f"difference {sym} {chk[bound]:g}"
                 shown = f"{_pm(main)} vs {_pm(others[0])} (diff {diff:+.3g})"
+                if "margin_se" in chk:
+                    ok, tol, why = _clears_by_se(main, others[0], bound, chk[bound], chk["margin_se"])
+                    extra.append(why)
+                else:
+                    ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
+                          "within": abs(diff) <= chk.get("within", 0)}[bound]
+                    tol = f"difference {sym} {chk[bound]:g}"
             verdict = PASS if ok else FAIL
         if verdict in (DIVERGED, NOT_RUN):
             tol = "—"
@@ -540,6 +549,35 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
                         _variant(claim, summaries), _notes(claim, summaries, extra), main.mean,
                         blocked, margin, spread))
     return rows
+
+
+def diff_se(main: _RuleData, ref: _RuleData) -> tuple[float | None, str]:
+    """(standard error of the mean difference, how it was taken): paired over the seeds both
+    sides ran when they ran the same seeds (same seed = same data order and draw), else the
+    two sides' standard errors added in quadrature; None with fewer than 2 seeds a side."""
+    a, b = main.per_seed, ref.per_seed
+    if len(a) >= 2 and set(a) == set(b):
+        diffs = [a[s] - b[s] for s in a]
+        return statistics.stdev(diffs) / math.sqrt(len(diffs)), f"paired over {len(diffs)} seeds"
+    if len(a) >= 2 and len(b) >= 2:
+        return math.hypot(statistics.stdev(a.values()) / math.sqrt(len(a)),
+                          statistics.stdev(b.values()) / math.sqrt(len(b))), "unpaired"
+    return None, "fewer than 2 seeds a side"
+
+
+def _clears_by_se(main: _RuleData, ref: _RuleData, bound: str, value: float, k: float) -> tuple[bool, str, str]:
+    """(ok, tolerance text, note): the mean difference clears the bound by k standard errors
+    of the difference, so that a sign settled by seed noise does not pass."""
+    diff = main.mean - ref.mean
+    se, how = diff_se(main, ref)
+    sym = "≥" if bound == "at_least" else "≤"
+    tol = f"difference {sym} {value:g} {'+' if bound == 'at_least' else '−'} {k:g} SE"
+    if se is None:
+        return False, tol, f"a margin in standard errors needs 2+ seeds a side ({how})"
+    need = value + k * se if bound == "at_least" else value - k * se
+    ok = diff >= need if bound == "at_least" else diff <= need
+    return ok, f"{tol} (= {need:+.3g})", (f"difference {diff:+.3g}, SE {se:.2g} ({how}): "
+                                          f"{(diff - value) / se if se else math.inf:+.1f} SE from {value:g}")
 
 
 def _diff_margin(main: _RuleData, ref: _RuleData, bound: str, value: float) -> tuple[float | None, float | None]:

@@ -51,6 +51,43 @@ def _verdicts(spec: dict) -> str:
     return ("\n" + "; ".join(spec["verdicts"])) if spec.get("verdicts") else ""
 
 
+def _footnote(fig, spec: dict, limit: int = 12) -> None:
+    """Each check on the figure's experiment, its bound and its verdict, under the figure."""
+    lines = [m["text"] for m in spec.get("marks") or []]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more checks (see the table)"]
+    if lines:
+        fig.text(0.0, 0.0, "\n".join(lines), ha="left", va="top", fontsize=6, family="monospace")
+
+
+def _point_marks(ax, spec: dict, metric: str | None, at=None, x=None) -> None:
+    """Paper targets (hollow marker, band as error bar) and min / max bounds (a triangle
+    pointing into the allowed side) of checks on `metric`: at their sweep point, or, on an
+    epoch axis (x given), as a line across the panel for the checks at this panel's point."""
+    for m in spec.get("marks") or []:
+        if m.get("kind") is None or m["metric"] != metric or (x is not None and m["at"] != at):
+            continue
+        colour = RULE_COLOURS.get(m["rule"], "grey")
+        label = (f"{m['rule']}: paper {m['value']:g} ± {m['band']:g}" if m["kind"] == "target"
+                 else f"{m['rule']} {'≥' if m['kind'] == 'min' else '≤'} {m['value']:g} (claim)")
+        if label in ax.get_legend_handles_labels()[1]:
+            label = "_nolegend_"  # one legend entry per bound, however many points it marks
+        if x is not None:
+            ax.axhline(m["value"], ls=":", lw=1.2, color=colour, label=label)
+            if m["kind"] == "target":
+                ax.axhspan(m["value"] - m["band"], m["value"] + m["band"], color=colour, alpha=0.12)
+            continue
+        if m["at"] is None:
+            continue
+        pos = float(m["at"])
+        if m["kind"] == "target":
+            ax.errorbar([pos], [m["value"]], yerr=[m["band"]], marker="D", ms=6, mfc="none", capsize=4,
+                        ls="none", color=colour, label=label)
+        else:
+            ax.plot([pos], [m["value"]], marker="^" if m["kind"] == "min" else "v", ms=8, mfc="none",
+                    ls="none", color=colour, label=label)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -80,6 +117,9 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
         ax.minorticks_off()
     if spec.get("chance") is not None:  # the paper's Figure 1 marks chance level
         ax.axhline(spec["chance"], ls="--", lw=1, color="grey", label=spec.get("chance_label", "chance"))
+    if all(_is_number(m.get("at")) for m in spec.get("marks") or [] if m.get("kind")):
+        _point_marks(ax, spec, spec["metric"])
+    _footnote(fig, spec)
     n = sorted({p[3] for pts in series.values() for p in pts})
     ax.set_xlabel(param.rsplit(".", 1)[-1])
     ax.set_ylabel(spec.get("ylabel", spec["metric"]))
@@ -88,6 +128,14 @@ def plot_sweep(summary: dict, spec: dict, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, **LEGEND)
     return _save(fig, path)
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _run_curve(metrics: dict, column: str) -> tuple[list, list]:
@@ -167,6 +215,7 @@ def plot_curves(results_dir: Path, spec: dict, path: Path, summary: dict | None 
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8, **LEGEND)
+    _footnote(fig, spec)
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over repeats" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
 
@@ -196,6 +245,7 @@ def plot_task_matrix(results_dir: Path, spec: dict, path: Path, summary: dict | 
         ax.set_yticks(range(k), [f"after T{i + 1}" for i in range(k)])
         ax.set_title(f"{rule} ({len(mats)} seeds)", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test accuracy %")
+    _footnote(fig, spec)
     if spec.get("verdicts"):
         fig.suptitle("; ".join(spec["verdicts"]), fontsize=8)
     return _save(fig, path)
@@ -228,8 +278,13 @@ def plot_pruning(summary: dict, spec: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy %")
     axes[0][-1].legend(fontsize=8, **LEGEND)
+    _footnote(fig, spec)
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), no fine-tuning, mean over seeds" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
+
+
+# A history column and the claim metric it ends in (test_acc per epoch -> test_acc_pct).
+HISTORY_METRICS = {"test_acc": "test_acc_pct", "train_acc": "train_acc_pct"}
 
 
 def plot_history(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
@@ -260,10 +315,12 @@ def plot_history(results_dir: Path, spec: dict, path: Path, summary: dict | None
                     label=f"{rule} (n={len(by_epoch[epochs[-1]])})", color=RULE_COLOURS.get(rule))
         if at is not None:
             ax.set_title(f"{spec.get('at_label', 'sweep')} = {at}", fontsize=9)
+        _point_marks(ax, spec, HISTORY_METRICS.get(column, column), at=at, x="epoch")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, **LEGEND)
     axes[0][0].set_ylabel(spec.get("ylabel", column))
+    _footnote(fig, spec)
     fig.suptitle(f"{spec['experiment']} ({spec['profile']}), mean over seeds" + _verdicts(spec), fontsize=9)
     return _save(fig, path)
 

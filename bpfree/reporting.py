@@ -415,6 +415,31 @@ def figure_marks(res: ClaimResult) -> dict:
     return marks
 
 
+def check_marks(results: list[ClaimResult], profile: str, experiment: str) -> list[dict]:
+    """What a claim figure shows of the checks on its experiment: every check's bound and
+    verdict as a footnote line, and for checks on one value (a paper target with its band, or
+    a min / max bound) a mark at the check's sweep point (`at`) in the rule's colour."""
+    marks = []
+    for res in results:
+        c = res.claim
+        if (c.profile, c.experiment) != (profile, experiment):
+            continue
+        if c.kind != "comparison":  # absolute / relative: a paper value and band per rule
+            for row in res.rows:
+                marks.append({"text": f"{c.id} {row.rule}: paper {row.paper}, {row.tolerance}: {row.verdict}"})
+            continue
+        for chk, row in zip(c.checks, res.rows):
+            mark = {"text": f"{c.id} {row.rule}: {row.tolerance}: {row.verdict}", "rule": chk["rule"],
+                    "at": None if chk.get("at") is None else str(chk["at"]),
+                    "metric": chk.get("metric") or c.metric}
+            if "target" in chk:
+                mark.update(kind="target", value=chk["target"], band=chk["tolerance"])
+            elif "min" in chk or "max" in chk:
+                mark.update(kind="min" if "min" in chk else "max", value=chk.get("min", chk.get("max")))
+            marks.append(mark)
+    return marks
+
+
 def experiment_datasets() -> dict[str, str]:
     """experiment -> dataset, from params.yaml (an experiment no profile ran is still classed)."""
     from bpfree.config import PARAMS_FILE, load_yaml
@@ -449,7 +474,9 @@ def write_reports(results_dir: str | Path = "results", claims_path: str | Path =
         for spec in meta.get("figures") or []:
             verdicts = [f"{r.claim.id}: {r.verdict}" for r in results
                         if (r.claim.profile, r.claim.experiment) == (spec["profile"], spec["experiment"])]
-            figures[spec["name"]] = draw_figure(results_dir, summaries, {**spec, "verdicts": verdicts})
+            marks = check_marks(results, spec["profile"], spec["experiment"])
+            figures[spec["name"]] = draw_figure(results_dir, summaries, {**spec, "verdicts": verdicts,
+                                                                         "marks": marks})
             if figures[spec["name"]][0] is not None:
                 written.append(figures[spec["name"]][0])
     from bpfree.plots import draw_learning_curves

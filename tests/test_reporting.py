@@ -343,3 +343,62 @@ def test_figures_leave_out_runs_the_summary_does_not_count(tmp_path):
     summary_ = {"experiments": {"E1": {"rules": {"bp": {"status": {"1": "OK"}}}}}}
     assert [m["seed"] for m in current_runs(runs, summary_, "E1")] == [1]
     assert sorted(m["seed"] for m in current_runs(runs, None, "E1")) == [0, 1]
+
+
+def _beats_claim(tmp_path, margin_se=None, bound="at_least"):
+    from bpfree.claims import load_registry
+    chk = {"rule": "usf", "ref": {"rule": "fa"}, bound: 0.0}
+    if margin_se is not None:
+        chk["margin_se"] = margin_se
+    reg = copy.deepcopy(REGISTRY)
+    reg["claims"].append({
+        "id": "T-beats", "paper": "toy_paper", "provenance": {"kind": "qualitative", "source": "Sec. 5"},
+        "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_acc_pct",
+        "kind": "comparison", "profile": "cpu", "shortened": False, "statement": "usf beats fa",
+        "checks": [chk], "tolerance_reason": "a margin in standard errors"})
+    path = tmp_path / "beats.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    return {c.id: c for c in load_registry(path)[1]}["T-beats"]
+
+
+def _scalar_summary(per_rule: dict) -> dict:
+    rules = {}
+    for rule, accs in per_rule.items():
+        e = rule_entry(accs)
+        e["scalars"] = {"test_acc_pct": e["selected_test_acc"]}
+        e["scalar_stats"] = {"test_acc_pct": {**e["selected_test_acc_stats"],
+                                              "se": e["selected_test_acc_stats"]["std"] / len(accs) ** 0.5}}
+        rules[rule] = e
+    return {"cpu": summary(rules)}
+
+
+def test_a_sign_settled_by_seed_noise_does_not_pass_a_margin_in_standard_errors(tmp_path):
+    from bpfree.claims import ClaimsError, evaluate_claim
+    noisy = _scalar_summary({"usf": {"1": 97.9, "2": 97.1, "3": 98.3}, "fa": {"1": 97.6, "2": 97.5, "3": 97.7}})
+    assert evaluate_claim(_beats_claim(tmp_path), noisy).rows[0].verdict == PASS  # bare sign: +0.17
+    (row,) = evaluate_claim(_beats_claim(tmp_path, margin_se=2), noisy).rows
+    # paired differences +0.3, -0.4, +0.6: mean +0.167, SE 0.296; 2 SE asks for +0.59
+    assert row.verdict == FAIL and "2 SE (= +0.593)" in row.tolerance and "paired over 3 seeds" in row.notes
+    clear = _scalar_summary({"usf": {"1": 98.6, "2": 98.5, "3": 98.8}, "fa": {"1": 97.6, "2": 97.5, "3": 97.7}})
+    assert evaluate_claim(_beats_claim(tmp_path, margin_se=2), clear).rows[0].verdict == PASS
+    unpaired = _scalar_summary({"usf": {"4": 98.6, "5": 98.5, "6": 98.8}, "fa": {"1": 97.6, "2": 97.5, "3": 97.7}})
+    assert "unpaired" in evaluate_claim(_beats_claim(tmp_path, margin_se=2), unpaired).rows[0].notes
+    one = _scalar_summary({"usf": {"1": 99.0}, "fa": {"1": 97.0}})
+    (row,) = evaluate_claim(_beats_claim(tmp_path, margin_se=2), one).rows
+    assert row.verdict == FAIL and "needs 2+ seeds a side" in row.notes  # a margin it cannot measure fails
+    with pytest.raises(ClaimsError, match="margin_se"):
+        _beats_claim(tmp_path, margin_se=2, bound="within")
+
+
+def test_claim_figures_carry_each_checks_paper_value_band_and_verdict(tmp_path):
+    from bpfree.claims import evaluate_claim
+    from bpfree.reporting import check_marks
+    claim = _beats_claim(tmp_path)
+    claim.checks.append({"rule": "usf", "target": 96.0, "tolerance": 1.0})
+    res = evaluate_claim(claim, _scalar_summary({"usf": {"1": 97.9, "2": 97.1, "3": 98.3},
+                                                 "fa": {"1": 97.6, "2": 97.5, "3": 97.7}}))
+    sign, target = check_marks([res], "cpu", "E1")
+    assert "kind" not in sign and sign["text"].endswith("difference ≥ 0: PASS")
+    assert (target["kind"], target["value"], target["band"], target["rule"]) == ("target", 96.0, 1.0, "usf")
+    assert target["text"].endswith("96 ± 1: FAIL")  # 97.77 is outside 96 ± 1
+    assert check_marks([res], "gpu", "E1") == []
