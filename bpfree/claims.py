@@ -136,6 +136,24 @@ def natural_key(text) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text)) if t]
 
 
+def seed_list(seeds) -> str:
+    """Seeds as short text, runs of consecutive integers as ranges: "1-24, 30" (100 seeds
+    would otherwise fill a table cell)."""
+    out, run = [], []
+    for s in sorted(seeds, key=natural_key):
+        if str(s).isdigit() and run and int(s) == int(run[-1]) + 1:
+            run.append(s)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}{', ' if len(run) == 2 else '-'}{run[-1]}")
+        run = [s] if str(s).isdigit() else []
+        if not run:
+            out.append(str(s))
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}{', ' if len(run) == 2 else '-'}{run[-1]}")
+    return ", ".join(out)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -318,10 +336,10 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
     statuses = entry.get("status", {})
     if any(s == "DIVERGED" for s in statuses.values()):
         bad = sorted((s for s, st in statuses.items() if st == "DIVERGED"), key=natural_key)
-        return _RuleData(DIVERGED, f"seed(s) {', '.join(bad)} diverged")
+        return _RuleData(DIVERGED, f"seed(s) {seed_list(bad)} diverged")
     missing = sorted((s for s, st in statuses.items() if st != "OK"), key=natural_key)
     if len(missing) == len(statuses):
-        return _RuleData(NOT_RUN, f"no finished run ({', '.join(missing) or 'no seeds'})")
+        return _RuleData(NOT_RUN, f"no finished run ({seed_list(missing) or 'no seeds'})")
     unstable = _unstable_text(entry)
     if metric not in METRICS or claim.kind == "comparison":  # per-run scalars
         stats = (entry.get("scalar_stats") or {}).get(metric)
@@ -330,7 +348,7 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
         per_seed = {s: v for s, v in (entry.get("scalars") or {}).get(metric, {}).items()
                     if v is not None and statuses.get(s) == "OK"}
         reason = (f"INCOMPLETE: {len(per_seed)} of {len(statuses)} seeds ran "
-                  f"(missing {', '.join(missing)})") if missing else ""
+                  f"(missing {seed_list(missing)})") if missing else ""
         return _RuleData("OK", reason=_join(reason, unstable), mean=stats["mean"], std=stats["std"],
                          n=stats["n"], per_seed=per_seed, se=stats.get("se"))
     stats_key, transform = METRICS[metric]
@@ -340,7 +358,7 @@ def _rule_data(claim: Claim, rule: str, summaries: dict, metric: str | None = No
     # A partly run claim is judged on the seeds that finished, and says so: hiding finished
     # numbers behind NOT RUN would be less honest than showing them with their seed count.
     reason = (f"INCOMPLETE: {len(per_seed)} of {len(statuses)} seeds ran "
-              f"(missing {', '.join(missing)})") if missing else ""
+              f"(missing {seed_list(missing)})") if missing else ""
     return _RuleData("OK", reason=_join(reason, unstable), mean=stats["mean"], std=stats["std"], n=stats["n"],
                      per_seed=per_seed, best_test=None if best is None else transform(best))
 

@@ -402,3 +402,10 @@ def test_claim_figures_carry_each_checks_paper_value_band_and_verdict(tmp_path):
     assert (target["kind"], target["value"], target["band"], target["rule"]) == ("target", 96.0, 1.0, "usf")
     assert target["text"].endswith("96 ± 1: FAIL")  # 97.77 is outside 96 ± 1
     assert check_marks([res], "gpu", "E1") == []
+
+
+def test_long_seed_lists_read_as_ranges():
+    from bpfree.claims import seed_list
+    assert seed_list([str(s) for s in range(100, 0, -1)]) == "1-100"
+    assert seed_list(["2021", "2023", "2022", "7"]) == "7, 2021-2023"
+    assert seed_list(["1", "2", "5"]) == "1, 2, 5"
