@@ -232,6 +232,8 @@ def check_label(chk: dict) -> str:
     if chk.get("id"):
         return str(chk["id"])
     def point(rule, at, metric):
+        if isinstance(at, list):
+            at = "{" + ",".join(map(str, at)) + "}"
         return f"{rule}" + (f"@{at}" if at is not None else "") + (f"[{metric}]" if metric else "")
     label = point(chk["rule"], chk.get("at"), chk.get("metric"))
     ref = chk.get("ref")
@@ -487,6 +489,27 @@ def _entry_key(claim: Claim, summaries: dict, rule: str, at) -> str:
     return f"{rule}@{param.rsplit('.', 1)[-1]}={at}"
 
 
+def _pooled(parts: list[_RuleData], points: list) -> _RuleData:
+    """One number per seed from several sweep points: the seed's mean over the points (only
+    seeds that finished at every point), so seeds stay the unit of the standard error and a
+    test pooled over widths gains power from every width without counting a seed twice."""
+    for d in parts:
+        if d.status != "OK":
+            return d
+    seeds = set.intersection(*(set(d.per_seed) for d in parts))
+    if not seeds:
+        return _RuleData(NOT_RUN, f"no seed finished at every point of {points}")
+    per_seed = {s: statistics.fmean(d.per_seed[s] for d in parts) for s in sorted(seeds, key=natural_key)}
+    values = list(per_seed.values())
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    dropped = sorted(set().union(*(set(d.per_seed) for d in parts)) - seeds, key=natural_key)
+    reason = "; ".join(dict.fromkeys(d.reason for d in parts if d.reason))
+    if dropped:
+        reason = _join(reason, f"pooled over seeds finished at every point (left out {seed_list(dropped)})")
+    return _RuleData("OK", reason=reason, mean=statistics.fmean(values), std=std, n=len(values),
+                     per_seed=per_seed, se=std / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
 def _comparison(claim: Claim, summaries: dict) -> list[Row]:
     """Checks between rules, sweep points (at) and metrics of one experiment's runs."""
     rows = []
@@ -495,6 +518,8 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
         at = chk.get("at")
 
         def data(rule, point, metric):
+            if isinstance(point, list):  # pooled over sweep points
+                return _pooled([data(rule, p, metric) for p in point], point)
             return _rule_data(claim, _entry_key(claim, summaries, rule, point), summaries,
                               metric or claim.metric)
 
@@ -692,8 +717,9 @@ def claims_for_params(claims: list[Claim], params: dict[str, Any]) -> list[str]:
             values = [str(v) for v in (exp.get("sweep") or {}).get("values", [])]
             for chk in c.checks:
                 for at in (chk.get("at"), (chk.get("ref") or {}).get("at")):
-                    if at is not None and str(at) not in values:
-                        problems.append(f"{c.id}: sweep point {at} not in {c.experiment}'s sweep {values}")
+                    for point in (at if isinstance(at, list) else [at]):
+                        if point is not None and str(point) not in values:
+                            problems.append(f"{c.id}: sweep point {point} not in {c.experiment}'s sweep {values}")
         if c.profile not in params["profiles"]:
             problems.append(f"{c.id}: profile {c.profile} not in params.yaml")
     return problems

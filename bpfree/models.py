@@ -754,6 +754,21 @@ class TransformerEncoderBlock(nn.Module):
         return self.ffn_norm(self.ffn_residual(transformed, x))
 
 
+def trim_padding(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the columns past a batch's longest sequence (the last tensor is the attention mask).
+
+    A split is padded to its longest sentence, a batch of SST-2 phrases rarely needs half of
+    that, and attention and the feed-forward cost grow with the length: trimming makes a step
+    2-4x cheaper. It changes no output: the trimmed columns are padding keys that receive no
+    attention, each token's layers are per-token, and only the first token is read out.
+    Only trailing padding is trimmed; a mask with a hole after a real token is left alone."""
+    mask = tensors[-1]
+    longest = int(mask.ne(0).sum(1).max())
+    if longest == mask.shape[1] or bool(mask[:, longest:].ne(0).any()):
+        return tensors
+    return tuple(t[:, :max(longest, 1)] for t in tensors)
+
+
 class BertClassifier(nn.Module):
     """A small BERT: embeddings, post-LN encoder blocks, tanh pooler on the first token."""
 
@@ -798,6 +813,9 @@ class BertClassifier(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is not None and length > 1:
+            input_ids, token_type_ids, attention_mask = trim_padding(input_ids, token_type_ids, attention_mask)
+            length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)
         x = self.token_embedding(input_ids) + self.segment_embedding(token_type_ids) + self.position_embedding(positions)
         x = self.embedding_dropout(self.embedding_norm(x))

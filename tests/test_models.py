@@ -317,3 +317,25 @@ def test_noisy_lenet_is_the_authors_net():
     assert not torch.equal(model.noise1(x), x)
     with pytest.raises(ValueError, match="28, 28"):
         model(torch.randn(2, 1, 32, 32))
+
+
+def test_bert_trims_a_batch_to_its_longest_sentence_without_changing_any_output():
+    """Padding keys get no attention and only the first token is read out, so a batch cut at
+    its longest sentence gives each sentence's own unpadded output (float64)."""
+    from bpfree.models import build_model, trim_padding
+    torch.manual_seed(0)
+    model = build_model("bert_classifier", 3, vocab_size=100, dim=16, depth=2, heads=4, ffn_dim=32,
+                        max_len=20, dropout=0.0).double().eval()
+    lengths = [3, 7, 5, 2]
+    mask = torch.zeros(4, 20, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = torch.randint(5, 100, (4, 20)) * mask
+    segments = torch.zeros_like(ids)
+    trimmed = trim_padding(ids, segments, mask)
+    assert [t.shape[1] for t in trimmed] == [7, 7, 7]
+    alone = torch.cat([model(ids[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    torch.testing.assert_close(model(torch.stack([ids, segments, mask], 1)), alone, rtol=0, atol=1e-12)
+    holed = mask.clone()
+    holed[0, 10] = 1  # a real token after padding: nothing may be cut
+    assert trim_padding(ids, segments, holed)[0].shape[1] == 20

@@ -409,3 +409,24 @@ def test_long_seed_lists_read_as_ranges():
     assert seed_list([str(s) for s in range(100, 0, -1)]) == "1-100"
     assert seed_list(["2021", "2023", "2022", "7"]) == "7, 2021-2023"
     assert seed_list(["1", "2", "5"]) == "1, 2, 5"
+
+
+def test_a_check_pooled_over_sweep_points_averages_each_seed_over_the_points(tmp_path):
+    from bpfree.claims import evaluate_claim, load_registry
+    reg = copy.deepcopy(REGISTRY)
+    reg["claims"].append({
+        "id": "T-pool", "paper": "toy_paper", "provenance": {"kind": "figure", "source": "Fig. 2"},
+        "experiment": "E1", "dataset": "MNIST", "architecture": "MLP", "metric": "test_acc_pct",
+        "kind": "comparison", "profile": "cpu", "shortened": False, "statement": "usf above fa at every width",
+        "checks": [{"id": "pooled", "rule": "usf", "at": [1, 2], "ref": {"rule": "fa"}, "at_least": 0.0,
+                    "margin_se": 2}],
+        "tolerance_reason": "pooled"})
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(reg))
+    claim = {c.id: c for c in load_registry(path)[1]}["T-pool"]
+    # usf - fa per seed: point 1 (+1, -1, +2), point 2 (+1, +3, +1): pooled (+1, +1, +1.5)
+    summ = _scalar_summary({"usf@sweep=1": {"1": 91, "2": 89, "3": 92}, "fa@sweep=1": {"1": 90, "2": 90, "3": 90},
+                            "usf@sweep=2": {"1": 81, "2": 83, "3": 81, "4": 99}, "fa@sweep=2": {"1": 80, "2": 80, "3": 80}})
+    (row,) = evaluate_claim(claim, summ).rows
+    assert row.rule == "pooled" and row.reproduced.startswith("86.17 ± 0.17 vs 85 ± 0 (diff +1.17)")
+    assert row.verdict == PASS and "paired over 3 seeds" in row.notes and "left out 4" in row.notes
