@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "bf16")
 TRAIN_DATA_KINDS = {
     # kind: {option: required?}. Drawn per run from the run's seed (see resolve_train_data).
     "noisy_subset": {"size": True, "flip_fraction": True},
-    "k_class": {"k": True},
+    "k_class": {"k": True, "per_class": False},
 }
 EXPERIMENT_KEYS = {
     # key: required?
@@ -367,6 +367,8 @@ def _validate_train_data(t, path) -> None:
             raise ConfigError(f"{path}.flip_fraction", f, "must be a number in [0, 1]")
     else:
         _int(t["k"], f"{path}.k", 2)
+        if "per_class" in t:
+            _int(t["per_class"], f"{path}.per_class", 1)
 
 
 def _validate_sweep(sw, exp, path) -> None:

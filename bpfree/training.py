@@ -267,7 +267,8 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
             y_pool = y_pool.to(device)
             draw = {"kind": "noisy_subset", "seed": spec["seed"], "flipped": int(flipped.sum())}
         else:
-            pool, y_pool, classes = k_class_subset(pool, y_pool.cpu(), spec["k"], num_classes, spec["seed"])
+            pool, y_pool, classes = k_class_subset(pool, y_pool.cpu(), spec["k"], num_classes, spec["seed"],
+                                                   spec.get("per_class"))
             test_idx, y_test = task_subset(test_idx, y_test.cpu(), classes)
             y_pool, y_test, num_classes = y_pool.to(device), y_test.to(device), spec["k"]
             draw = {"kind": "k_class", "seed": spec["seed"], "classes": classes}

@@ -399,6 +399,19 @@ def test_k_class_subset_remaps_labels_in_sorted_class_order():
     assert k_class_subset(x, y, 3, 10, seed=7)[2] == classes
 
 
+def test_k_class_subset_can_keep_a_fixed_number_per_class_drawn_from_the_seed():
+    x = torch.arange(200).float().unsqueeze(1)
+    y = torch.arange(200) % 10
+    x_all, _, classes = k_class_subset(x, y, k=3, num_classes=10, seed=7)
+    x_sub, y_sub, same = k_class_subset(x, y, k=3, num_classes=10, seed=7, per_class=5)
+    assert same == classes and torch.bincount(y_sub).tolist() == [5, 5, 5]
+    assert set(x_sub.flatten().tolist()) <= set(x_all.flatten().tolist())
+    assert torch.equal(x_sub, k_class_subset(x, y, 3, 10, seed=7, per_class=5)[0])
+    assert not torch.equal(x_sub, k_class_subset(x, y, 3, 10, seed=8, per_class=5)[0])
+    with pytest.raises(ValueError, match="fewer than per_class"):
+        k_class_subset(x, y, 3, 10, seed=7, per_class=21)
+
+
 def test_train_val_split_partitions_deterministically():
     train, val = train_val_split(1000, 0.1, seed=1)
     assert len(val) == 100 and len(train) == 900

@@ -97,14 +97,27 @@ def task_subset(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> tup
 
 
 def k_class_subset(x: torch.Tensor, y: torch.Tensor, k: int, num_classes: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                   seed: int, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """k seeded random classes; labels remapped to 0..k-1 in sorted class order.
 
     Sorted order makes the remapping readable from ``classes`` alone: label i is classes[i].
+    ``per_class`` keeps that many seeded random examples of each class (in their original
+    order), so a k-class subset of a set with many images per class (CIFAR-10: 5000) can
+    match the per-class size of the set it stands in for (CIFAR-100: 500).
     """
     _check_pair(x, y)
     if not 1 <= k <= num_classes:
         raise ValueError(f"k must be in 1..{num_classes}, got {k}")
-    classes = sorted(torch.randperm(num_classes, generator=_generator(seed))[:k].tolist())
+    gen = _generator(seed)
+    classes = sorted(torch.randperm(num_classes, generator=gen)[:k].tolist())
     x_sub, y_remapped = task_subset(x, y, classes)
+    if per_class is not None:
+        keep = []
+        for label in range(k):
+            members = (y_remapped == label).nonzero().flatten()
+            if len(members) < per_class:
+                raise ValueError(f"class {classes[label]} has {len(members)} examples, fewer than per_class {per_class}")
+            keep.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+        chosen = torch.cat(keep).sort().values
+        x_sub, y_remapped = x_sub[chosen.to(x_sub.device)], y_remapped[chosen]
     return x_sub, y_remapped, classes
