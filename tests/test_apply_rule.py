@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 
@@ -40,7 +41,8 @@ def original_weights(model):
 
 def train_step(model, handle, x, y, lr=0.01):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    before = {n: p.detach().clone() for n, p in original_weights(model)}
+    before = {id(p): p.detach().clone() for _, p in original_weights(model)}  # by identity: a packed
+    # attention projection's weight is named attn.in_proj_weight, not attn.in_proj.weight
     opt.zero_grad()
     loss = F.cross_entropy(model(x), y)
     handle.add_local_loss(loss, y).backward()  # LFNN's local losses; most rules have none
@@ -51,7 +53,7 @@ def train_step(model, handle, x, y, lr=0.01):
     opt.step()
     handle.after_step()
     for name, layer in handle.named_layers:
-        assert not torch.equal(layer.weight.detach(), before[name + ".weight" if name else "weight"]), name
+        assert not torch.equal(layer.weight.detach(), before[id(layer.weight)]), name
     return loss.item()
 
 
@@ -126,16 +128,169 @@ class MHAModel(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_multihead_attention_out_proj_warned_and_not_converted():
+def test_multihead_attention_projections_are_converted_and_restored():
     model = MHAModel()
-    out_proj_class = type(model.attn.out_proj)
-    with pytest.warns(UserWarning, match=r"attn\.out_proj"):
+    keys = list(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         handle = bpfree.apply_rule(model, "fa")
-    assert handle.counts == {"Linear": 1}
-    assert [n for n, _ in handle.named_layers] == ["head"]
-    assert type(model.attn.out_proj) is out_proj_class
-    assert not hasattr(model.attn.out_proj, "_bpfree_rule")
+    assert handle.counts == {"Linear": 2, "MultiheadAttention.in_proj": 1}
+    assert sorted(n for n, _ in handle.named_layers) == ["attn.in_proj", "attn.out_proj", "head"]
+    assert model.attn.in_proj.weight is model.attn.in_proj_weight  # the same Parameter, no copy
+    assert not handle.report.ungoverned
     train_step(model, handle, torch.randn(2, 4, 8), torch.tensor([0, 2]))
+    handle.remove()
+    assert type(model.attn) is nn.MultiheadAttention and "in_proj" not in model.attn._modules
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("rule", RULES)
+def test_every_layer_rule_trains_the_packed_qkv_of_an_attention_model(rule, batch_first):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = x if batch_first else x.transpose(0, 1)
+            out = self.attn(x, x, x, need_weights=False)[0]
+            return self.head((out if batch_first else out.transpose(0, 1)).mean(1))
+
+    torch.manual_seed(0)
+    model = Model()
+    handle = bpfree.apply_rule(model, rule, **tiny_options(rule))
+    assert "attn.in_proj" in dict(handle.named_layers)
+    train_step(model, handle, torch.randn(4, 5, 8), torch.tensor([0, 1, 2, 1]))
+
+
+def test_attention_a_rule_cannot_open_is_warned_and_named_in_the_report():
+    class KV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(x)
+
+    with pytest.warns(UserWarning, match=r"attn\.out_proj.*kdim/vdim"):
+        handle = bpfree.apply_rule(KV(), "fa")
+    assert [n for n, _ in handle.named_layers] == ["head"]
+    assert set(handle.report.ungoverned) >= {"attn.q_proj_weight", "attn.out_proj.weight"}
+
+
+def _mha_inputs(batch_first):
+    torch.manual_seed(3)
+    shape = (2, 5, 8) if batch_first else (5, 2, 8)
+    return torch.randn(*shape, dtype=torch.float64), torch.randn(*((2, 7, 8) if batch_first else (7, 2, 8)),
+                                                                  dtype=torch.float64)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_rule_forward_of_attention_is_pytorchs_in_float64(batch_first):
+    """Outputs, attention weights and (under bp) every gradient equal nn.MultiheadAttention's
+    own: self- and cross-attention, key padding, boolean and float masks, causal, per-head
+    weights, unbatched input."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(8, 2, batch_first=batch_first).double()
+    ruled = copy.deepcopy(plain)
+    bpfree.apply_rule(ruled, "bp")
+    x, memory = _mha_inputs(batch_first)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    cases = [dict(query=x, key=x, value=x),
+             dict(query=x, key=x, value=x, attn_mask=causal),
+             dict(query=x, key=x, value=x, attn_mask=torch.randn(4, 5, 5, dtype=torch.float64)),
+             dict(query=x, key=memory, value=memory, key_padding_mask=padding, average_attn_weights=False),
+             dict(query=x[0] if batch_first else x[:, 0], key=x[0] if batch_first else x[:, 0],
+                  value=x[0] if batch_first else x[:, 0])]
+    for case in cases:
+        for module in (plain, ruled):
+            module.zero_grad()
+        out_p, w_p = plain(**case)
+        out_r, w_r = ruled(**case)
+        torch.testing.assert_close(out_r, out_p, rtol=0, atol=1e-12)
+        torch.testing.assert_close(w_r, w_p, rtol=0, atol=1e-12)
+        out_p.square().sum().backward()
+        out_r.square().sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), ruled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "backman"])
+def test_a_layer_rule_on_packed_qkv_equals_it_on_three_separate_projections_in_float64(rule):
+    """nn.MultiheadAttention's packed (3E, E) in_proj under a rule gives exactly the gradients
+    of the same rule on explicit q/k/v Linears (bpfree.models.SelfAttention) whose feedback
+    matrices are the packed one's rows: Q/K/V are governed, not silently back-propagated."""
+    from bpfree.models import SelfAttention
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    explicit = SelfAttention(8, 2).double()
+    with torch.no_grad():
+        for i, proj in enumerate((explicit.q_proj, explicit.k_proj, explicit.v_proj)):
+            proj.weight.copy_(mha.in_proj_weight[8 * i:8 * (i + 1)])
+            proj.bias.copy_(mha.in_proj_bias[8 * i:8 * (i + 1)])
+        explicit.out_proj.load_state_dict(mha.out_proj.state_dict())
+    embed_a, embed_b = nn.Linear(4, 8).double(), nn.Linear(4, 8).double()  # an error must cross the attention
+    embed_b.load_state_dict(embed_a.state_dict())
+    model_a, model_b = nn.ModuleDict({"embed": embed_a, "attn": mha}), nn.ModuleDict({"embed": embed_b, "attn": explicit})
+    bpfree.apply_rule(model_a, rule)
+    bpfree.apply_rule(model_b, rule)
+    if hasattr(mha.in_proj, "feedback_weight"):
+        with torch.no_grad():
+            for i, proj in enumerate((explicit.q_proj, explicit.k_proj, explicit.v_proj)):
+                proj.feedback_weight.copy_(mha.in_proj.feedback_weight[8 * i:8 * (i + 1)])
+            explicit.out_proj.feedback_weight.copy_(mha.out_proj.feedback_weight)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    h_a, h_b = embed_a(x), embed_b(x)
+    out_a = mha(h_a, h_a, h_a, need_weights=False)[0]
+    out_b = explicit(h_b)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-12)
+    target = torch.randn_like(out_a)
+    (out_a - target).square().sum().backward()
+    (out_b - target).square().sum().backward()
+    packed = torch.cat([p.weight.grad for p in (explicit.q_proj, explicit.k_proj, explicit.v_proj)])
+    torch.testing.assert_close(mha.in_proj_weight.grad, packed, rtol=0, atol=1e-10)
+    torch.testing.assert_close(mha.out_proj.weight.grad, explicit.out_proj.weight.grad, rtol=0, atol=1e-10)
+    # uSF's magnitude is the Xavier std of the weight it stands in for: the packed (3E, E)
+    # matrix's, as PyTorch initialises in_proj_weight, vs (E, E) for separate projections
+    scale = math.sqrt((8 + 8) / (8 + 24)) if rule == "usf" else 1.0
+    torch.testing.assert_close(embed_a.weight.grad, scale * embed_b.weight.grad, rtol=0, atol=1e-10)
+    if rule != "backman":  # BackMAN's c = 1 is BP: the feedback rules must differ from it here
+        bp = copy.deepcopy(model_b)
+        for m in bp.modules():
+            if hasattr(m, "_bpfree_rule"):
+                m._bpfree_rule.active = False
+        bp.zero_grad()
+        hb = bp["embed"](x)
+        (bp["attn"](hb) - target).square().sum().backward()
+        assert not torch.allclose(bp["embed"].weight.grad, embed_b.weight.grad)
+
+
+def test_strict_names_exactly_what_the_rule_does_not_govern_and_changes_nothing():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    keys, classes = list(layer.state_dict()), [type(m) for m in layer.modules()]
+    with pytest.raises(ValueError, match=r"\(strict\): 4 trainable parameter\(s\) not governed by the rule: "
+                                         r"norm1\.weight, norm1\.bias, norm2\.weight, norm2\.bias$"):
+        bpfree.apply_rule(layer, "fa", strict=True)
+    assert list(layer.state_dict()) == keys and [type(m) for m in layer.modules()] == classes
+    handle = bpfree.apply_rule(layer, "fa")
+    governed = {r.name for r in handle.report.rows if r.governed}
+    assert {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.bias"} <= governed
+    text = str(handle.report)
+    assert "6 Linear" not in text and "12 trainable parameter tensors" in text and "norm1.weight" in text
+    assert "backprop of the rule's error signal" in text
+    handle.remove()
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert not bpfree.apply_rule(mlp, "kp", strict=True).report.ungoverned  # KP's B: the rule's own state
+    lf = bpfree.apply_rule(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "lfnn_l", workers=2)
+    assert {r.name: r.trained_by for r in lf.report.rows if not r.governed} == \
+        {"1.weight": lf.rule.unconverted_trained_by, "1.bias": lf.rule.unconverted_trained_by}
+    assert lf.rule.unconverted_trained_by.startswith("nothing")
 
 
 def test_no_warning_without_multihead_attention():

@@ -44,3 +44,14 @@ def test_train_rejects_an_unknown_experiment_with_one_line(monkeypatch, capsys):
 def test_console_script_help_is_installed():
     done = subprocess.run([sys.executable, "-m", "bpfree.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "claims" in done.stdout and "dvc repro" in done.stdout
+
+
+def test_help_and_the_library_import_load_no_torch():
+    """`bpfree --help` answers at once (no torch, ~0.1 s instead of ~2-5 s) and `import bpfree`
+    loads torch only when a rule is first touched; counted by modules, not by the clock."""
+    probe = ("import sys\nfrom bpfree.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "import bpfree\nheavy = [m for m in ('torch', 'dvc', 'datasets', 'matplotlib') if m in sys.modules]\n"
+             "assert not heavy, heavy\nassert callable(bpfree.apply_rule) and 'torch' in sys.modules\n"
+             "assert not [m for m in ('dvc', 'datasets', 'matplotlib') if m in sys.modules]\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

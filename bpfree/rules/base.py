@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -108,6 +109,9 @@ class Rule:
     # "layer": works on any model's Linear/Conv2d layers; "block": needs the model's `blocks`
     # ModuleList (target propagation and LRA treat each block as one layer).
     granularity: ClassVar[str] = "layer"
+    # What trains a parameter outside the converted layers (a norm's gain, an embedding):
+    # the conversion report's "trained by" for it.
+    unconverted_trained_by: ClassVar[str] = "backprop of the rule's error signal"
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -187,6 +191,9 @@ class Rule:
 
 
 def _base_type_name(layer: nn.Module) -> str:
+    from bpfree.rules.attention import PackedInProjection
+    if isinstance(layer, PackedInProjection):
+        return "MultiheadAttention.in_proj"
     return next(t.__name__ for t in SUPPORTED_LAYERS if isinstance(layer, t))
 
 
@@ -196,16 +203,73 @@ def _remove_state(layer: nn.Module, names: tuple[str, ...]) -> None:
         layer._parameters.pop(attr, None)
 
 
-class RuleHandle:
-    """What apply_rule returns: counts, the converted layers, restore, and the post-step call."""
+@dataclass(frozen=True)
+class ParameterRow:
+    """One trainable parameter of a converted model and what trains it."""
 
-    def __init__(self, model: nn.Module, rule: Rule, layers: list[tuple[str, nn.Module]]):
+    name: str
+    shape: tuple[int, ...]
+    governed: bool
+    trained_by: str
+
+
+class ConversionReport:
+    """Every trainable parameter of a model under a rule: governed by the rule (a converted
+    layer's weight or bias, or the rule's own feedback / read-out parameters) or not, and
+    what trains it otherwise. biotorch prints "originally N layers, M converted"; this says
+    which parameters, so "FA on a transformer" cannot quietly mean FA on half of it."""
+
+    def __init__(self, rule: Rule, rows: list[ParameterRow], counts: dict[str, int]):
+        self.rule, self.rows, self.counts = rule, rows, counts
+
+    @property
+    def ungoverned(self) -> list[str]:
+        return [r.name for r in self.rows if not r.governed]
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+        governed = sum(r.governed for r in self.rows)
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        head = (f"rule {self.rule.name!r}: converted {counts}; {governed} of {len(self.rows)} trainable "
+                f"parameter tensors governed by the rule")
+        table = tabulate([[r.name, "x".join(map(str, r.shape)), "yes" if r.governed else "no", r.trained_by]
+                          for r in self.rows], headers=["parameter", "shape", "governed", "trained by"])
+        return head + "\n" + table
+
+    def __repr__(self) -> str:
+        return self.__str__().splitlines()[0]
+
+
+def _report(model: nn.Module, rule: Rule, layers: list[nn.Module], counts: dict[str, int]) -> ConversionReport:
+    layer_params = {id(p): layer for layer in layers for p in (layer.weight, layer.bias) if p is not None}
+    rule_params = {id(p) for layer in layers for p in layer._parameters.values() if p is not None} - set(layer_params)
+    rows = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in layer_params:
+            rows.append(ParameterRow(name, tuple(p.shape), True, f"the rule ({rule.name})"))
+        elif id(p) in rule_params:
+            rows.append(ParameterRow(name, tuple(p.shape), True, f"the rule's own state ({rule.name})"))
+        else:
+            rows.append(ParameterRow(name, tuple(p.shape), False, rule.unconverted_trained_by))
+    return ConversionReport(rule, rows, counts)
+
+
+class RuleHandle:
+    """What apply_rule returns: counts, the converted layers, the conversion report, restore,
+    and the post-step call."""
+
+    def __init__(self, model: nn.Module, rule: Rule, layers: list[tuple[str, nn.Module]],
+                 attention: list[nn.Module] | None = None):
         self.model = model
         self.rule = rule
         self.named_layers = layers
         self.counts = dict(Counter(_base_type_name(m) for _, m in layers))
+        self._attention = attention or []
         self._hooks = rule.attach(model, [m for _, m in layers])
         self._removed = False
+        self.report = _report(model, rule, [m for _, m in layers], self.counts)
 
     @property
     def name(self) -> str:
@@ -253,6 +317,8 @@ class RuleHandle:
             layer.__class__ = layer._bpfree_original_class
             del layer._bpfree_rule
             del layer._bpfree_original_class
+        from bpfree.rules.attention import close_attention
+        close_attention(self._attention)
         self._removed = True
 
     def __enter__(self) -> "RuleHandle":
@@ -267,24 +333,14 @@ class RuleHandle:
 
 
 def _functional_submodules(model: nn.Module) -> set[int]:
-    """Linear layers whose weights a parent uses functionally, bypassing their forward."""
-    skipped = set()
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            skipped.add(id(module.out_proj))
-    return skipped
+    """Linear layers whose weights a parent uses functionally, bypassing their forward
+    (the out_proj of attention modules the rule could not open)."""
+    from bpfree.rules.attention import RuleMultiheadAttention
+    return {id(m.out_proj) for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and not isinstance(m, RuleMultiheadAttention)}
 
 
-def apply_rule(model: nn.Module, name: str, **options) -> RuleHandle:
-    """Convert every Linear/Conv2d of `model` in place to learn with rule `name`.
-
-    Build the optimizer after this call: Kolen-Pollack adds trainable feedback
-    Parameters. Returns a handle; `handle.remove()` (or leaving a `with` block) restores
-    the model exactly.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_rule needs an nn.Module, got {type(model).__name__}")
-    rule = get_rule_class(name)(**options)
+def _collect_layers(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     bypassed = _functional_submodules(model)
     layers: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []
@@ -302,23 +358,53 @@ def apply_rule(model: nn.Module, name: str, **options) -> RuleHandle:
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"layer {qualname!r} is lazy and uninitialised; run one forward pass first")
         layers.append((qualname, module))
-    if skipped:
-        warnings.warn(
-            "nn.MultiheadAttention computes its projections functionally, so these layers "
-            f"keep plain BP: {skipped}. Use explicit Linear projections to put them under the rule.",
-            stacklevel=2,
-        )
     if not layers:
         raise ValueError(
             f"rule {name!r} found nothing to convert in {type(model).__name__}: it converts "
-            "nn.Linear and nn.Conv2d layers (and subclasses)"
+            "nn.Linear and nn.Conv2d layers (and subclasses) and nn.MultiheadAttention's projections"
         )
-    rule.check_layers([m for _, m in layers])  # before any change: a bad option leaves no trace
-    rule.check_model(model)
+    return layers, skipped
+
+
+def apply_rule(model: nn.Module, name: str, strict: bool = False, **options) -> RuleHandle:
+    """Convert every Linear/Conv2d of `model` (and the Q/K/V and output projections of each
+    nn.MultiheadAttention) in place to learn with rule `name`.
+
+    Build the optimizer after this call: Kolen-Pollack adds trainable feedback
+    Parameters. Returns a handle; `handle.report` lists every trainable parameter and what
+    trains it, `handle.remove()` (or leaving a `with` block) restores the model exactly.
+    ``strict=True`` raises, leaving the model untouched, when any trainable parameter of the
+    model is not governed by the rule (a LayerNorm's gain, an embedding, a GRU).
+    """
+    from bpfree.rules.attention import close_attention, open_attention
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_rule needs an nn.Module, got {type(model).__name__}")
+    rule = get_rule_class(name)(**options)
+    opened, left = open_attention(model) if rule.granularity == "layer" else ([], {})
+    try:
+        layers, skipped = _collect_layers(model, name)
+        rule.check_layers([m for _, m in layers])  # before any change: a bad option leaves no trace
+        rule.check_model(model)
+    except Exception:
+        close_attention(opened)
+        raise
+    if skipped:
+        warnings.warn(
+            "nn.MultiheadAttention computes its projections functionally, so these layers "
+            f"keep plain BP: {skipped} ({'; '.join(f'{k}: {v}' for k, v in left.items())}). "
+            "Use explicit Linear projections to put them under the rule.",
+            stacklevel=2,
+        )
     for index, (_, layer) in enumerate(layers):
         original = type(layer)
         layer._bpfree_original_class = original
         layer._bpfree_rule = rule
         layer.__class__ = _converted_class(original)
         rule.convert_layer(layer, index)
-    return RuleHandle(model, rule, layers)
+    handle = RuleHandle(model, rule, layers, opened)
+    if strict and handle.report.ungoverned:
+        handle.remove()
+        raise ValueError(f"rule {name!r} (strict): {len(handle.report.ungoverned)} trainable parameter(s) not "
+                         f"governed by the rule: {', '.join(handle.report.ungoverned)}")
+    return handle

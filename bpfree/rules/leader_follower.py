@@ -260,3 +260,5 @@ class LFNNLocal(LeaderFollower):
 
     name = "lfnn_l"
     local_only = True
+    unconverted_trained_by = ("nothing: every converted layer's input is detached, so no error reaches "
+                              "a parameter between converted layers")

@@ -85,6 +85,7 @@ class BlockTargetRule(Rule):
 
     feedback_replaces_weight = False  # no B stands in for a W
     granularity = "block"
+    unconverted_trained_by = "backprop inside its block (or embedding), from that layer's local target"
     defaults = {"target_lr": 1.0, "noise": 0.1}
 
     def validate_options(self):
