@@ -55,3 +55,8 @@ def test_help_and_the_library_import_load_no_torch():
              "assert not [m for m in ('dvc', 'datasets', 'matplotlib') if m in sys.modules]\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_rule_says_what_it_is_in_the_listing():
+    from bpfree.rules import get_rule_class, list_rules
+    assert [r for r in list_rules() if not (get_rule_class(r).__doc__ or "").strip()] == []

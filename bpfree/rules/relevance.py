@@ -490,6 +490,8 @@ class LFPZero(LayerwiseFeedbackPropagation):
 
 @register_rule
 class LFPEpsilon(LayerwiseFeedbackPropagation):
+    """LFP-eps: relevance through each layer by the epsilon rule (the stabiliser keeps z away from 0)."""
+
     name = "lfp_eps"
     variant = "eps"
     defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None,
@@ -498,6 +500,8 @@ class LFPEpsilon(LayerwiseFeedbackPropagation):
 
 @register_rule
 class LFPAlphaBeta(LayerwiseFeedbackPropagation):
+    """LFP-alpha-beta: positive and negative contributions weighted alpha and beta (alpha - beta = 1)."""
+
     name = "lfp_ab"
     variant = "alpha_beta"
     defaults = {"alpha": 2.0, "beta": 1.0, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
@@ -512,6 +516,8 @@ class LFPAlphaBeta(LayerwiseFeedbackPropagation):
 
 @register_rule
 class LFPZPlusZMinus(LayerwiseFeedbackPropagation):
+    """LFP-z+z-: positive and negative contributions normalised separately (the z+ / z- split)."""
+
     name = "lfp_zpzm"
     variant = "zplus_zminus"
     defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
