@@ -1,19 +1,21 @@
-"""`bpfree`: what the suite holds, one training run, and the verdicts of the committed results.
+"""`bpfree`: what the suite holds, the pipeline's stages, and the verdicts of the committed results.
 
-    bpfree list [rules|models|datasets|claims]   what can be run and checked, with provenance
-    bpfree train EXPERIMENT [--profile P] [--rules R ...] [--seeds S ...]
-                                                 runs through the pipeline's train stage
+    bpfree list [rules|models|datasets|experiments|claims]
+                                                 what can be run and checked, with provenance
+    bpfree claims [--profile P]                  verdict table (fits the terminal; verdicts coloured
+                                                 on a terminal); exit 1 on a new failure
     bpfree verify [--profile P] [--experiment E ...]
                                                  re-train committed runs in a scratch directory and
                                                  compare them; exit 1 on a difference
-    bpfree claims [--profile P]                  verdict table; exit 1 on a new failure
-    bpfree report                                rebuild results/tables, figures, README
     bpfree repro [--profile P] [DVC ARGS ...]    `dvc repro` of the profile's pipeline file (add --dry
                                                  to preview), also in a copy without .git
+    bpfree train|tune|launch|bench|prepare|evaluate|report ARGS
+                                                 the pipeline's stage itself (`python -m stages.<stage>`):
+                                                 every option is the stage's own, `--help` shows them
 
-`train` and `report` run the pipeline's own stages (`python -m stages.train`,
-`python -m stages.tables`), so they need the repository root as working directory; `list`
-and `claims` work anywhere (`claims` reads results/ under --results).
+The stage commands and `verify` / `repro` need a checkout (its params.yaml, dvc.yaml and
+stages/) as the working directory and say so otherwise; `list` (but `experiments`) and
+`claims` work anywhere (`claims` reads results/ under --results).
 """
 from __future__ import annotations
 
@@ -22,7 +24,19 @@ import importlib
 import sys
 from pathlib import Path
 
-WHAT = ("rules", "models", "datasets", "claims")
+WHAT = ("rules", "models", "datasets", "experiments", "claims")
+# command -> (stage module, help): forwarded verbatim to `python -m stages.<module>`, so each
+# stage's own argparse parser is the one definition of its options.
+STAGE_COMMANDS = {
+    "train": ("train", "run an experiment's (rule, seed) runs, as the pipeline does"),
+    "tune": ("tune", "learning-rate search on the validation split (writes results/tuning)"),
+    "launch": ("launch", "train an experiment's rules side by side as processes (--jobs N)"),
+    "bench": ("bench", "step times of every rule against BP, interleaved in one process"),
+    "prepare": ("prepare", "prepare a dataset from its raw files (BPFREE_DATA_DIR)"),
+    "evaluate": ("evaluate", "summarise a profile's runs into results/<profile>/summary.json"),
+    "report": ("tables", "rebuild results/tables, results/figures and results/README.md"),
+}
+CHECKOUT_FILES = ("params.yaml", "dvc.yaml", "stages/__init__.py")
 
 
 def _table(rows: list[list], headers: list[str]) -> str:
@@ -30,18 +44,79 @@ def _table(rows: list[list], headers: list[str]) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
+VERDICT_COLOURS = {"PASS": "32", "FAIL": "31", "DIVERGED": "35", "NOT RUN": "90"}  # ANSI SGR codes
+
+
+def terminal_width() -> int | None:
+    """The terminal's width, or None when not on a terminal (piped output is not cut)."""
+    import os
+    import shutil
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        return None
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+def use_colour() -> bool:
+    """Colour on a terminal only, and never with NO_COLOR set (https://no-color.org)."""
+    import os
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def fitted_table(rows: list[list], headers: list[str], width: int | None, colour: bool = False) -> str:
+    """A table no wider than `width`: the widest column loses characters first (cut with "…"),
+    the first column (the verdict) never; verdicts coloured when asked."""
+    rows = [[str(c) for c in r] for r in rows]
+    if width:
+        floor = [max(len(h) + 2, 8) for h in headers]
+        while True:
+            # tabulate pads a column to at least its header + 2 (MIN_PADDING)
+            widths = [max([len(headers[i]) + 2] + [len(r[i]) for r in rows]) for i in range(len(headers))]
+            total = sum(widths) + 3 * len(headers) + 1
+            cuttable = [i for i in range(1, len(headers)) if widths[i] > floor[i]]
+            if total <= width or not cuttable:
+                break
+            widest = max(cuttable, key=lambda i: widths[i])
+            keep = max(floor[widest], widths[widest] - (total - width)) - 1
+            rows = [r[:widest] + [r[widest] if len(r[widest]) <= keep + 1 else r[widest][:keep] + "…"]
+                    + r[widest + 1:] for r in rows]
+    if colour:
+        rows = [[f"\033[{VERDICT_COLOURS[r[0]]}m{r[0]}\033[0m" if r[0] in VERDICT_COLOURS else r[0]] + r[1:]
+                for r in rows]
+    return _table(rows, headers)
+
+
 def _first_line(doc: str | None) -> str:
     return next(iter((doc or "").strip().splitlines()), "")
 
 
+def _experiments_table() -> str:
+    """params.yaml's experiments, read as plain YAML (no torch): what each trains, and in which
+    profiles it runs or why not."""
+    import yaml
+    if not Path("params.yaml").is_file():
+        return "(no params.yaml here: `bpfree list experiments` reads the checkout's params.yaml; run it from the repository root)"
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    rows = []
+    for exp_id, exp in params["experiments"].items():
+        sweep = exp.get("sweep") or {}
+        where = [p for p, over in params["profiles"].items() if not (over.get(exp_id) or {}).get("skip")]
+        rows.append([exp_id, exp["dataset"], exp["model"]["name"], " ".join(exp["rules"]),
+                     f"{sweep['param'].rsplit('.', 1)[-1]} {sweep['values']}" if sweep else "",
+                     exp["epochs"], len(exp["seeds"]), ", ".join(where)])
+    return _table(rows, ["experiment", "dataset", "model", "rules", "sweep", "epochs", "seeds", "profiles"])
+
+
 def cmd_list(args) -> int:
+    sections = [args.what] if args.what else list(WHAT)
+    if sections == ["experiments"]:  # plain YAML: no torch to import
+        print(_experiments_table())
+        return 0
     from bpfree.claims import load_claims
     from bpfree.data import list_datasets
     from bpfree.data.sources import get_source
     from bpfree.models import list_models, model_options
     from bpfree.rules import get_rule_class, list_rules
 
-    sections = [args.what] if args.what else list(WHAT)
     for what in sections:
         if what == "rules":
             rows = [[name, get_rule_class(name).granularity,
@@ -54,6 +129,8 @@ def cmd_list(args) -> int:
         elif what == "datasets":
             rows = [[name, get_source(name).kind, get_source(name).description] for name in list_datasets()]
             print(_table(rows, ["dataset", "kind", "description"]))
+        elif what == "experiments":
+            print(_experiments_table())
         else:
             rows = [[c.id, c.paper, c.profile, c.experiment, f"{c.provenance['kind']}: {c.provenance['source']}"]
                     for c in load_claims()]
@@ -83,8 +160,9 @@ def cmd_claims(args) -> int:
         for row in result.rows:
             status = row_status(result.claim, row)
             problems += status in PROBLEM_STATUSES
-            rows.append([row.claim, row.rule, row.paper[:40], row.reproduced, row.tolerance, row.verdict, status])
-    print(_table(rows, ["claim", "check", "paper", "reproduced", "tolerance", "verdict", "status"]))
+            rows.append([row.verdict, row.claim, row.rule, row.reproduced, row.tolerance, status])
+    print(fitted_table(rows, ["verdict", "claim", "check", "reproduced", "tolerance", "status"],
+                       width=None if args.wide else terminal_width(), colour=use_colour()))
     if problems:
         print(f"\n{problems} row(s) are new failures or known failures that now pass", file=sys.stderr)
         return 1
@@ -92,10 +170,16 @@ def cmd_claims(args) -> int:
     return 0
 
 
+def in_checkout() -> bool:
+    """The working directory is a bpfree checkout (not just any folder with a stages/)."""
+    return all(Path(f).is_file() for f in CHECKOUT_FILES)
+
+
 def _stage(name: str, argv: list[str]) -> int:
-    if not Path("stages", f"{name}.py").is_file():
-        print(f"error: `bpfree {name if name != 'tables' else 'report'}` runs the pipeline stage "
-              f"stages/{name}.py: run it from the repository root", file=sys.stderr)
+    if not in_checkout() or not Path("stages", f"{name}.py").is_file():
+        command = next((c for c, (module, _) in STAGE_COMMANDS.items() if module == name), name)
+        print(f"error: `bpfree {command}` runs the pipeline stage stages/{name}.py of a checkout: run it "
+              f"from the repository root (the directory with {', '.join(CHECKOUT_FILES)})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path.cwd()))
     module = importlib.import_module(f"stages.{name}")
@@ -106,20 +190,6 @@ def _stage(name: str, argv: list[str]) -> int:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-def cmd_train(args) -> int:
-    argv = [args.experiment]
-    if args.profile:
-        argv += ["--profile", args.profile]
-    if args.rules:
-        argv += ["--rules", *args.rules]
-    if args.seeds:
-        argv += ["--seeds", *map(str, args.seeds)]
-    if args.resume_every is not None:
-        argv += ["--resume-every", str(args.resume_every)]
-    argv += ["--force"] * args.force + ["--reuse"] * args.reuse
-    return _stage("train", argv)
 
 
 def cmd_verify(args) -> int:
@@ -196,10 +266,6 @@ def _prepare_missing(datasets: set[str]) -> None:
                 raise SystemExit(code)
 
 
-def cmd_report(args) -> int:
-    return _stage("tables", ["--results", args.results])
-
-
 def inside_git_work_tree(root: Path) -> bool:
     from bpfree.provenance import git_output
     return git_output("rev-parse", "--is-inside-work-tree", cwd=root) == "true"  # None: no git, or no repo
@@ -250,22 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Backpropagation-free learning rules: a library, the papers' experiments and their verdicts.",
         epilog="Reproduce with `dvc repro` (smoke) or `bpfree repro --profile cpu`; see README.md.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="rules, models, datasets and claims (with provenance)")
+    p = sub.add_parser("list", help="rules, models, datasets, experiments and claims (with provenance)")
     p.add_argument("what", nargs="?", choices=WHAT)
     p.set_defaults(run=cmd_list)
-    p = sub.add_parser("train", help="run an experiment's (rule, seed) runs, as the pipeline does")
-    p.add_argument("experiment", help="an experiment id of params.yaml (bpfree list claims shows which are checked)")
-    p.add_argument("--profile", help="smoke, cpu or gpu (default: params.yaml's profile)")
-    p.add_argument("--rules", nargs="*", help="only these rules")
-    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
-    p.add_argument("--resume-every", type=float, metavar="SECONDS",
-                   help="save each run's state after an epoch at most this often (default 30; 0: every "
-                        "epoch); a killed run continues from its last saved epoch")
-    p.add_argument("--force", action="store_true",
-                   help="re-train every run and overwrite its metrics, even where committed ones match")
-    p.add_argument("--reuse", action="store_true",
-                   help="trust committed metrics with the same config and code hash (no re-training)")
-    p.set_defaults(run=cmd_train)
     p = sub.add_parser("verify", help="re-train committed runs into a scratch directory and compare; "
                                       "exit 1 on a difference",
                        description="Re-trains the committed runs of a profile (or of some experiments) "
@@ -279,11 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser("claims", help="verdicts of the committed results; exit 1 on a new failure")
     p.add_argument("--profile", help="only claims checked in this profile")
+    p.add_argument("--wide", action="store_true", help="do not cut the table to the terminal's width")
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.set_defaults(run=cmd_claims)
-    p = sub.add_parser("report", help="rebuild results/tables, results/figures and results/README.md")
-    p.add_argument("--results", default="results")
-    p.set_defaults(run=cmd_report)
     p = sub.add_parser("repro", help="run the pipeline (`dvc repro`), with or without a git repository",
                        description="Runs `dvc repro` with the given arguments. Outside a git work tree it "
                                    "first turns on DVC's no-SCM mode. The Docker image's default command.")
@@ -294,24 +345,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dvc_args", nargs="*", metavar="DVC ARGS",
                    help="anything else is passed to `dvc repro` (e.g. --dry, a stage name)")
     p.set_defaults(run=cmd_repro)
+    for command, (module, text) in STAGE_COMMANDS.items():  # listed here; main() forwards them
+        p = sub.add_parser(command, help=f"{text} (stages/{module}.py; `bpfree {command} --help`)", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STAGE_COMMANDS:  # the stage parses its own options, all of them
+        return _stage(STAGE_COMMANDS[argv[0]][0], argv[1:])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "repro":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # dvc's own options pass through
-    from bpfree.claims import ClaimsError
-    from bpfree.config import ConfigError
-    from bpfree.data import DataError
     try:
         return args.run(args)
-    except (ConfigError, DataError, ClaimsError) as error:
+    except Exception as error:  # noqa: BLE001 - only bpfree's own input errors become one line
+        if not is_input_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+USER_ERRORS = {("bpfree.config", "ConfigError"), ("bpfree.data.errors", "DataError"),
+               ("bpfree.claims", "ClaimsError")}
+
+
+def is_input_error(error: BaseException) -> bool:
+    """bpfree's bad-input errors (one line for the user), recognised without importing the
+    modules that define them, so commands that never load torch stay fast."""
+    return any((cls.__module__, cls.__name__) in USER_ERRORS for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

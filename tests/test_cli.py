@@ -60,3 +60,44 @@ def test_help_and_the_library_import_load_no_torch():
 def test_every_rule_says_what_it_is_in_the_listing():
     from bpfree.rules import get_rule_class, list_rules
     assert [r for r in list_rules() if not (get_rule_class(r).__doc__ or "").strip()] == []
+
+
+def test_stage_commands_take_every_option_of_their_stage(monkeypatch, capsys):
+    """One definition of each command's options: `bpfree <stage>` forwards to the stage's own
+    parser (its --help lists --checkpoints, --jobs, ... that no wrapper re-declares)."""
+    monkeypatch.chdir(REPO)
+    for command, flag in [("train", "--checkpoints"), ("tune", "--rules"), ("launch", "--jobs"),
+                          ("bench", "--profile"), ("evaluate", "--profile"), ("report", "--results")]:
+        with pytest.raises(SystemExit) as done:
+            cli.main([command, "--help"])
+        assert done.value.code == 0 and flag in capsys.readouterr().out, command
+
+
+def test_list_experiments_reads_params_without_torch(monkeypatch):
+    monkeypatch.chdir(REPO)
+    probe = ("import sys\nfrom bpfree import cli\ncli.main(['list', 'experiments'])\n"
+             "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "| F1_sst2_transformer_depth" in done.stdout and "smoke, cpu, gpu" in done.stdout
+
+
+def test_claims_table_fits_the_terminal_and_colours_only_verdicts():
+    rows = [["PASS", "A-very-long-claim-identifier-here", "bp vs fa", "97.99 ± 0.038 vs 97.4 ± 0.24", "ok"],
+            ["FAIL", "B", "x", "1", "known failure"]]
+    headers = ["verdict", "claim", "check", "reproduced", "status"]
+    wide = cli.fitted_table(rows, headers, width=None)
+    narrow = cli.fitted_table(rows, headers, width=64)
+    assert max(map(len, narrow.splitlines())) <= 64 < max(map(len, wide.splitlines()))
+    assert "…" in narrow and "| PASS" in narrow
+    coloured = cli.fitted_table(rows, headers, width=None, colour=True)
+    assert "\033[32mPASS\033[0m" in coloured and "\033[31mFAIL\033[0m" in coloured
+    assert "\033" not in wide
+
+
+def test_input_errors_are_recognised_by_their_defining_classes():
+    from bpfree.claims import ClaimsError
+    from bpfree.config import ConfigError
+    from bpfree.data import DataError
+    assert all(cli.is_input_error(e) for e in (ClaimsError("x"), ConfigError("a", 1, "b"), DataError("x")))
+    assert not cli.is_input_error(ValueError("x"))
