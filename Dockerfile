@@ -3,8 +3,10 @@
 # Base: NVIDIA's CUDA 13 image, pinned by exact tag. It carries the driver-compatibility
 # check (NVIDIA_REQUIRE_CUDA); the CUDA 13 libraries torch uses come from the lock file's
 # pinned wheels (nvidia-*-cu13), so the image is the lock, not whatever the base ships.
-# Ubuntu 24.04's Python 3.12 installs every pin of requirements.lock.
-FROM nvidia/cuda:13.0.0-base-ubuntu24.04
+# Ubuntu 22.04 because it ships Python 3.11 (python3.11 in jammy), the Python the lock was
+# generated on (requirements.lock's header), so the image runs the interpreter the pins were
+# resolved and tested for; Ubuntu 24.04 has only 3.12.
+FROM nvidia/cuda:13.0.0-base-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -12,12 +14,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1
 # Fashion-MNIST ships as a Debian/Ubuntu package; without it, only its experiments lack data.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv git ca-certificates \
  && (apt-get install -y --no-install-recommends dataset-fashion-mnist \
      || echo "dataset-fashion-mnist unavailable: Fashion-MNIST runs will report missing data") \
  && rm -rf /var/lib/apt/lists/*
 
-RUN python3 -m venv /opt/venv
+RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /bpfree
 # The lock first, so editing code does not reinstall torch.

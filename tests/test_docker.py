@@ -121,3 +121,12 @@ def test_repro_outside_the_repository_root_is_a_clear_error(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert cli.main(["repro"]) == 2
     assert "repository root" in capsys.readouterr().err
+
+
+def test_the_image_runs_the_python_the_lock_was_resolved_on():
+    header = (REPO / "requirements.lock").read_text().splitlines()[0]
+    locked = re.search(r"Python (\d+\.\d+)", header).group(1)
+    runs = [args for keyword, args in instructions() if keyword == "RUN"]
+    venv = next(r for r in runs if "-m venv" in r)
+    assert venv.startswith(f"python{locked} -m venv"), (locked, venv)
+    assert any(f"python{locked}-venv" in r for r in runs)
