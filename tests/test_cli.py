@@ -1,4 +1,5 @@
 """The `bpfree` command: list, claims (exit status), and the stage-backed train/report."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,28 @@ def test_input_errors_are_recognised_by_their_defining_classes():
     from bpfree.data import DataError
     assert all(cli.is_input_error(e) for e in (ClaimsError("x"), ConfigError("a", 1, "b"), DataError("x")))
     assert not cli.is_input_error(ValueError("x"))
+
+
+def test_a_built_wheel_installs_and_works_outside_the_checkout(tmp_path):
+    """The wheel carries the package data (claims, notes, protocols, checksums) and the
+    attention module; installed elsewhere it lists rules and claims from any directory."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO),  # isolated, as `pip install -e .`
+                    "-w", str(wheels)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("bpfree-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import bpfree, sys\nassert bpfree.__file__.startswith(sys.argv[1]), bpfree.__file__\n"
+             "from bpfree.cli import main\nassert main(['list', 'claims']) == 0\nassert main(['list', 'rules']) == 0\n"
+             "from torch import nn\nh = bpfree.apply_rule(nn.MultiheadAttention(4, 2), 'fa')\nprint(h.report)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "F1-kp-tracks-bp-sst2" in done.stdout and "| lfp_eps" in done.stdout and "in_proj_weight" in done.stdout
+    assert main_needs_checkout(tmp_path, target)
+
+
+def main_needs_checkout(cwd, target) -> bool:
+    done = subprocess.run([sys.executable, "-c", "from bpfree.cli import main; raise SystemExit(main(['train', 'X']))"],
+                          capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(target)})
+    return done.returncode == 2 and "repository root" in done.stderr and "Traceback" not in done.stderr

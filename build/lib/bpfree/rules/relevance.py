@@ -1,0 +1,523 @@
+"""Layer-wise Feedback Propagation (Weber et al., TMLR 2025): rewards distributed like LRP.
+
+Instead of a gradient, a reward is sent from the output down through the net and every
+parameter receives its share as feedback F; the trainer sees grad = -F, so any optimiser
+works unchanged. Equations (claims.md E), for a layer z_j = sum_i w_ij a_i + b_j:
+
+- reward at the output (pluggable): r = z o (onehot(y) - softmax(z)); with the trainer's
+  mean cross-entropy the incoming gradient is g = (softmax - onehot) / B, so r = -z o g
+  (option reward_scale "mean", the default), or B times that, one reward per sample as the
+  authors' SoftmaxLossReward gives (reward_scale "sum"): their feedback is summed over the
+  batch. With reward_scale "sum" and clip_update_norm 3.0, one training step equals the
+  authors' Trainer.lfp_step (tests/test_lfprop_parity.py, against lfprop 1.0.0).
+- LFP-eps / LFP-0: s_j = r_j / (z_j + eps sign(z_j)) (sign(0) = +1); r_i = a_i sum_j w_ij s_j;
+  F_ij = |w_ij| a_i s_j, F_bj = |b_j| s_j.
+- LFP-alpha-beta (alpha - beta = 1) and LFP-z+z-: the message from neuron j to input i is
+  split by the sign of the contribution z_ij = w_ij a_i, with z+_j / z-_j the sums of the
+  positive / negative contributions (the bias counted with its sign):
+  alpha-beta: R_ij = (alpha z+_ij / z+_j - beta z-_ij / z-_j) r_j;
+  z+z-:       R_ij = (z+_ij / z+_j + z-_ij / z-_j) r_j / 2  (every fraction in [0, 1], so the
+  sent reward never exceeds the received one: no exploding feedback in deep nets).
+  Parameter feedback is the signed share of the message, F_ij = sign(w_ij) sum_n R_ij,
+  which for the eps rule is exactly |w_ij| a_i s_j above. The seed paper gives no formula
+  for these two variants; these are the standard LRP alpha-beta and a normalised z+/z-
+  split, and the tests check them against float64 references written from the lines above.
+  KNOWN PROBLEM: with the reward r = z o (onehot - softmax), the split fractions do not
+  cancel the sign of z as s = r / z does in the eps rule, so a unit with z < 0 is pushed the
+  wrong way and MNIST training diverges (tests/test_rules_semantics.py, strict xfail). Use
+  lfp_eps / lfp0 for experiments until the authors' formulation is checked.
+
+Activations (ReLU, sigmoid, a Heaviside step, spiking LIF units: any module of an
+activation class or with `bpfree_activation = True`) pass the reward through unchanged,
+which is what lets LFP train nets whose derivative is zero almost everywhere. Max pooling
+routes the reward to the maximum (as autograd does); average pooling and explicit residual
+`Add` modules distribute it in proportion to the inputs' contributions (eps rule).
+BatchNorm is treated as the per-channel linear map it is in the forward pass,
+y = (gamma / sigma) x + (beta - gamma mu / sigma), with the batch statistics in training:
+the eps rule sends r_x = x (gamma / sigma) s and gives gamma the feedback |gamma| sum(x_hat s)
+and beta |beta| sum(s).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from bpfree.rules.base import Rule, padded_input, register_rule
+
+ACTIVATION_CLASSES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.SiLU,
+                      nn.Softplus, nn.Hardtanh, nn.ReLU6)
+AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+VARIANTS = ("eps", "alpha_beta", "zplus_zminus")
+STABILISER = 1e-6  # added (with the sign) to z+ / z- of the split rules
+
+
+def _divide(r: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """s = r / (z + eps sign(z)) with sign(0) := +1; for eps = 0 (LFP-0) a unit with z = 0
+    passes nothing (s = 0) instead of 0/0."""
+    if eps == 0:
+        return torch.where(z != 0, r / torch.where(z != 0, z, torch.ones_like(z)), torch.zeros_like(r))
+    return r / (z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
+
+
+# ----------------------------------------------------------------------------- rewards
+def softmax_loss_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """r = z o (onehot - softmax(z)), read off the cross-entropy gradient (= -z o grad)."""
+    return -z * grad
+
+
+def negative_gradient_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """r = -dL/dz: the loss gradient itself as the reward (for losses other than softmax-CE)."""
+    return -grad
+
+
+def snn_rate_coded_reward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The LFP authors' SnnCorrectClassRewardSpikesRateCoded (lfprop 1.0.0 rewards/
+    reward_functions.py:278-318) on a (batch, classes, steps) spike train z: at every step the
+    true class gets 1 - sigmoid(count - steps // 2), whether it spiked or not, and every other
+    class that spiked gets -(1 - sigmoid(silent steps - steps // 2)). The true class is read
+    off a cross-entropy gradient (its only negative entry), as softmax_loss reads it; returned
+    over the batch size like the other rewards (reward_scale "sum" gives the authors' own)."""
+    if z.dim() != 3:
+        raise ValueError(f"reward snn_rate_coded takes a (batch, classes, steps) spike train (a spiking net "
+                         f"with readout: steps), got shape {tuple(z.shape)}")
+    steps = z.shape[2]
+    true_class = grad.sum(2, keepdim=True) < 0
+    pos_decay = 1 - torch.sigmoid(z.sum(2, keepdim=True) - steps // 2)
+    neg_decay = 1 - torch.sigmoid((z - 1).abs().sum(2, keepdim=True) - steps // 2)
+    reward = torch.where(true_class, pos_decay.expand_as(z), -z * neg_decay)
+    return reward / z.shape[0]
+
+
+REWARDS = {"softmax_loss": softmax_loss_reward, "negative_gradient": negative_gradient_reward,
+           "snn_rate_coded": snn_rate_coded_reward}
+SNN_MODES = ("pass", "membrane")
+
+
+REWARD_SCALES = ("mean", "sum")
+
+
+class _OutputReward(torch.autograd.Function):
+    """Identity in the forward pass; turns the loss gradient at the output into the reward.
+
+    reward_scale "mean": the reward read off the mean loss, i.e. the per-sample reward / B;
+    "sum": the per-sample reward itself, which the authors' SoftmaxLossReward hands to every
+    sample (lfprop 1.0.0, rewards/reward_functions.py), so feedback is summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, z, reward_name, reward_scale="mean"):
+        ctx.save_for_backward(z)
+        ctx.reward_name, ctx.reward_scale = reward_name, reward_scale
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        reward = REWARDS[ctx.reward_name](z, grad)
+        if ctx.reward_scale == "sum":  # undo the mean loss's 1/B: each sample's own reward
+            reward = reward * z.shape[0]
+        return reward, None, None
+
+
+class _PassReward(torch.autograd.Function):
+    """Forward: the activation's output. Backward: the reward goes to its input unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, reward):
+        return reward, None
+
+
+class _MembraneReward(torch.autograd.Function):
+    """The LFP authors' epsilon rule through one LIF step (lfprop 1.0.0 propagation/
+    propagator_snn.py:140-225, LFPEpsilonSNN). Forward: the spikes. Backward: the reward on
+    the spikes, plus the share the next step handed back to this step's membrane, counts as
+    reward on the new membrane u_t = beta u_t-1 + I_t - reset; it is normalised by
+    |u_t-1| + |u_t + reset - u_t-1| + eps, the normalised reward s goes to the input current
+    (the layer in front applies it without dividing again: variant "snn"), and
+    beta s u_t-1 is carried to the step before. Steps must come back in reverse order, as
+    autograd runs them; `carry` holds the hand-back between steps of one forward pass."""
+
+    @staticmethod
+    def forward(ctx, current, spikes, before, after, reset_term, beta, carry, step, eps):
+        ctx.save_for_backward(before, after, reset_term)
+        ctx.beta, ctx.carry, ctx.step, ctx.eps = beta, carry, step, eps
+        return spikes.detach().clone()
+
+    @staticmethod
+    def backward(ctx, reward):
+        before, after, reset_term = ctx.saved_tensors
+        carry = ctx.carry
+        if carry["next"] is not None and ctx.step != carry["next"]:
+            raise RuntimeError(f"LFP snn membrane: step {ctx.step} came back before step {carry['next']}")
+        total = reward if carry["rho"] is None else reward + carry["rho"]
+        s = total / (before.abs() + (after + reset_term - before).abs() + ctx.eps)
+        carry["rho"], carry["next"] = ctx.beta * s * before, ctx.step - 1
+        return s, None, None, None, None, None, None, None, None
+
+
+class _ProportionalSum(torch.autograd.Function):
+    """y = a + b; each summand gets its share of the reward, a o r / (a + b) (eps rule)."""
+
+    @staticmethod
+    def forward(ctx, a, b, eps):
+        y = a + b
+        ctx.save_for_backward(a, b, y)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, reward):
+        a, b, y = ctx.saved_tensors
+        s = _divide(reward, y, ctx.eps)
+        return a * s, b * s, None
+
+
+class _BatchNormReward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, module, eps):
+        dims = [0] + list(range(2, x.dim()))
+        if module.training or not module.track_running_stats:
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        else:
+            mean, var = module.running_mean, module.running_var
+        ctx.save_for_backward(x, y, weight, bias, mean, var)
+        ctx.eps, ctx.bn_eps = eps, module.eps
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, reward):
+        x, y, weight, bias, mean, var = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))
+        inv_sigma = (var + ctx.bn_eps).rsqrt().reshape(shape)
+        s = _divide(reward, y, ctx.eps)
+        gamma = weight.reshape(shape) if weight is not None else 1.0
+        r_x = x * gamma * inv_sigma * s
+        grad_w = grad_b = None
+        if weight is not None:
+            x_hat = (x - mean.reshape(shape)) * inv_sigma
+            grad_w = -weight.abs() * (x_hat * s).sum(dims)
+        if bias is not None:
+            grad_b = -bias.abs() * s.sum(dims)
+        return r_x, None, grad_w, grad_b, None, None
+
+
+class _AvgPoolReward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, module, eps):
+        ctx.save_for_backward(x, y)
+        ctx.module, ctx.eps = module, eps
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, reward):
+        x, y = ctx.saved_tensors
+        s = _divide(reward, y, ctx.eps)
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            pooled = type(ctx.module).forward(ctx.module, x_)  # not module(x_): no hooks again
+            (spread,) = torch.autograd.grad(pooled, x_, s)
+        return x * spread, None, None, None
+
+
+# ----------------------------------------------------------------------------- layers
+def _pos(t):
+    return t.clamp(min=0)
+
+
+def _neg(t):
+    return t.clamp(max=0)
+
+
+class _LinearOps:
+    """The three primitives every variant is built from, for a Linear layer."""
+
+    def __init__(self, x):
+        self.x = x
+
+    @staticmethod
+    def forward(x, w):
+        return x @ w.t()
+
+    def send(self, s, w):  # sum_j w_ij s_j, in the input's shape
+        return s @ w
+
+    def collect(self, s, x):  # sum_n s_nj x_ni, in the weight's shape
+        return s.reshape(-1, s.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    @staticmethod
+    def bias_view(b, like):
+        return b
+
+    @staticmethod
+    def bias_sum(s):
+        return s.reshape(-1, s.shape[-1]).sum(0)
+
+
+class _ConvOps:
+    def __init__(self, x, conv, weight):
+        self.x, self.conv, self.weight = x, conv, weight  # conv = (stride, padding, dilation, groups)
+
+    def forward(self, x, w):
+        stride, padding, dilation, groups = self.conv
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+    def _backward(self, s, x, w, mask):
+        stride, padding, dilation, groups = self.conv
+        return torch.ops.aten.convolution_backward(
+            s, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], groups, mask)
+
+    def send(self, s, w):
+        return self._backward(s, self.x, w, [True, False, False])[0]
+
+    def collect(self, s, x):
+        return self._backward(s, x, self.weight, [False, True, False])[1]
+
+    @staticmethod
+    def bias_view(b, like):
+        return b.reshape(1, -1, 1, 1)
+
+    @staticmethod
+    def bias_sum(s):
+        return s.sum((0, 2, 3))
+
+
+def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
+    """(reward to the input, weight feedback F, bias feedback F_b) of one layer."""
+    if variant in ("eps", "snn"):  # "snn": the LIF behind the layer already normalised it
+        s = reward if variant == "snn" else _divide(reward, z, eps)
+        r_in = x * ops.send(s, weight)
+        f_w = weight.abs() * ops.collect(s, x)
+        f_b = None if bias is None else bias.abs() * ops.bias_sum(s)
+        return r_in, f_w, f_b
+    w_pos, w_neg = _pos(weight), _neg(weight)
+    x_pos, x_neg = _pos(x), _neg(x)
+    b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), z)
+    b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), z)
+    z_pos = ops.forward(x_pos, w_pos) + ops.forward(x_neg, w_neg) + b_pos
+    z_neg = ops.forward(x_pos, w_neg) + ops.forward(x_neg, w_pos) + b_neg
+    s_pos = reward / (z_pos + STABILISER)
+    s_neg = reward / (z_neg - STABILISER)
+    a, b = (alpha, beta) if variant == "alpha_beta" else (0.5, -0.5)
+    # message R_ij = a (w x)+_ij s+_j - b (w x)-_ij s-_j, with (w x)+ = w+ x+ + w- x-, (w x)- = w+ x- + w- x+
+    r_in = a * (x_pos * ops.send(s_pos, w_pos) + x_neg * ops.send(s_pos, w_neg)) \
+        - b * (x_neg * ops.send(s_neg, w_pos) + x_pos * ops.send(s_neg, w_neg))
+    share = a * (w_pos * ops.collect(s_pos, x_pos) + w_neg * ops.collect(s_pos, x_neg)) \
+        - b * (w_pos * ops.collect(s_neg, x_neg) + w_neg * ops.collect(s_neg, x_pos))
+    f_w = torch.sign(weight) * share
+    f_b = None
+    if bias is not None:
+        f_b = torch.sign(bias) * (a * _pos(bias) * ops.bias_sum(s_pos) - b * _neg(bias) * ops.bias_sum(s_neg))
+    return r_in, f_w, f_b
+
+
+def _saved_in_weight_dtype(ctx, reward):
+    """(x, weight, bias, z, reward, x's dtype). Under autocast the forward saw bf16
+    activations and fp32 weights: the reward is distributed in the weight's precision (no
+    autocast runs in backward) and handed back in the input's."""
+    x, weight, bias, z = ctx.saved_tensors
+    return x.to(weight.dtype), weight, bias, z.to(weight.dtype), reward.to(weight.dtype), x.dtype
+
+
+class LFPLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg):
+        z = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, z)
+        ctx.cfg = cfg
+        return z
+
+    @staticmethod
+    def backward(ctx, reward):
+        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
+        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg)
+        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None
+
+
+class LFPConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg, stride, padding, dilation, groups):
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, bias, z)
+        ctx.cfg, ctx.conv = cfg, (stride, padding, dilation, groups)
+        return z
+
+    @staticmethod
+    def backward(ctx, reward):
+        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
+        ops = _ConvOps(x, ctx.conv, weight)
+        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg)
+        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- the rules
+class LayerwiseFeedbackPropagation(Rule):
+    """Shared machinery of the LFP variants; subclasses fix the variant."""
+
+    variant = "eps"
+    feedback_replaces_weight = False
+    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+
+    def validate_options(self) -> None:
+        o = self.options
+        if o["reward"] not in REWARDS:
+            raise ValueError(f"rule {self.name!r}: unknown reward {o['reward']!r}; choices: {', '.join(REWARDS)}")
+        eps = o.get("eps", 0.0)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+            raise ValueError(f"rule {self.name!r}: eps must be a number >= 0, got {eps!r}")
+        clip = o["clip_update_norm"]
+        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip <= 0):
+            raise ValueError(f"rule {self.name!r}: clip_update_norm must be a number > 0 or null")
+        if o.get("reward_scale", "mean") not in REWARD_SCALES:
+            raise ValueError(f"rule {self.name!r}: reward_scale must be one of {', '.join(REWARD_SCALES)}, "
+                             f"got {o['reward_scale']!r}")
+        if o.get("snn", "pass") not in SNN_MODES:
+            raise ValueError(f"rule {self.name!r}: snn must be one of {', '.join(SNN_MODES)}, got {o['snn']!r}")
+
+    def config(self) -> tuple:
+        return (self.variant, float(self.options.get("eps", 0.0)), float(self.options.get("alpha", 1.0)),
+                float(self.options.get("beta", 0.0)))
+
+    def forward(self, layer, x):
+        if not torch.is_grad_enabled():
+            return layer._bpfree_original_class.forward(layer, x)
+        cfg = self.config()
+        if id(layer) in getattr(self, "_feeds_membrane", ()):
+            cfg = ("snn",) + cfg[1:]
+        if isinstance(layer, nn.Conv2d):
+            x, padding = padded_input(layer, x)
+            return LFPConv2dFunction.apply(x, layer.weight, layer.bias, cfg, layer.stride,
+                                           padding, layer.dilation, layer.groups)
+        return LFPLinearFunction.apply(x, layer.weight, layer.bias, cfg)
+
+    def _membrane_pairs(self, model: nn.Module, layers) -> set[int]:
+        """Option snn "membrane": every LIF must sit right behind a converted Linear/Conv2d (the
+        authors' SpikingLayer) and reset as snnTorch does; the ids of those layers."""
+        converted, feeds = {id(layer) for layer in layers}, set()
+        for parent in model.modules():
+            names = list(parent._modules)
+            for i, name in enumerate(names):
+                child = parent._modules[name]
+                if not getattr(child, "bpfree_membrane", False):
+                    continue
+                before = parent._modules[names[i - 1]] if i > 0 else None
+                if before is None or id(before) not in converted:
+                    raise ValueError(f"rule {self.name!r} with snn membrane: LIF {name!r} must follow a Linear or "
+                                     f"Conv2d layer directly, it follows {type(before).__name__}")
+                if getattr(child, "reset_mode", None) != "snntorch":
+                    raise ValueError(f"rule {self.name!r} with snn membrane needs LIF reset snntorch, "
+                                     f"{name!r} has {getattr(child, 'reset_mode', None)!r}")
+                feeds.add(id(before))
+        return feeds
+
+    def attach(self, model: nn.Module, layers) -> list:
+        """Output reward, pass-through activations (or the membrane rule at LIFs), proportional
+        sums and average pools."""
+        eps = float(self.options.get("eps", 0.0))  # sums and pools use the layers' eps
+        membrane = self.options.get("snn", "pass") == "membrane"
+        self._feeds_membrane = self._membrane_pairs(model, layers) if membrane else set()
+        handles = [model.register_forward_hook(self._output_hook)]
+        for module in model.modules():
+            if module is model:
+                continue
+            if membrane and getattr(module, "bpfree_membrane", False):
+                handles.append(module.register_forward_hook(self._membrane_hook))
+            elif isinstance(module, ACTIVATION_CLASSES) or getattr(module, "bpfree_activation", False):
+                handles.append(module.register_forward_hook(self._activation_hook))
+            elif type(module).__name__ == "Add":
+                handles.append(module.register_forward_hook(self._add_hook))
+            elif isinstance(module, AVG_POOLS) or getattr(module, "bpfree_proportional_pool", False):
+                handles.append(module.register_forward_hook(self._pool_hook))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                handles.append(module.register_forward_hook(self._batchnorm_hook))
+        self._sum_eps = eps
+        return handles
+
+    def _on(self) -> bool:
+        return torch.is_grad_enabled() and self.active
+
+    def _output_hook(self, module, inputs, output):
+        if self._on() and isinstance(output, torch.Tensor):
+            return _OutputReward.apply(output, self.options["reward"], self.options["reward_scale"])
+        return output
+
+    def _activation_hook(self, module, inputs, output):
+        return _PassReward.apply(inputs[0], output) if self._on() else output
+
+    def _membrane_hook(self, module, inputs, output):
+        if not self._on():
+            return output
+        if module.step == 1:  # a new forward pass: a fresh hand-back between its steps
+            module._bpfree_carry = {"rho": None, "next": None}
+        before, after, reset_term = module.last_step
+        return _MembraneReward.apply(inputs[0], output, before, after, reset_term, module.beta,
+                                     module._bpfree_carry, module.step, float(self.options.get("eps", 0.0)))
+
+    def _add_hook(self, module, inputs, output):
+        if self._on() and len(inputs) == 2:
+            return _ProportionalSum.apply(inputs[0], inputs[1], self._sum_eps)
+        return output
+
+    def _batchnorm_hook(self, module, inputs, output):
+        if not self._on():
+            return output
+        return _BatchNormReward.apply(inputs[0], output, module.weight, module.bias, module, self._sum_eps)
+
+    def _pool_hook(self, module, inputs, output):
+        return _AvgPoolReward.apply(inputs[0], output, module, self._sum_eps) if self._on() else output
+
+    def before_step(self, layers) -> None:
+        """The authors' update-norm clipping, on the feedback of all converted layers."""
+        clip = self.options["clip_update_norm"]
+        if clip is not None:
+            params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+
+
+@register_rule
+class LFPZero(LayerwiseFeedbackPropagation):
+    """LFP-0: the eps rule with eps = 0 (equals -|W| o dL/dW on bias-free ReLU nets, E1)."""
+
+    name = "lfp0"
+    variant = "eps"
+    defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+
+
+@register_rule
+class LFPEpsilon(LayerwiseFeedbackPropagation):
+    """LFP-eps: relevance through each layer by the epsilon rule (the stabiliser keeps z away from 0)."""
+
+    name = "lfp_eps"
+    variant = "eps"
+    defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None,
+                "snn": "pass"}
+
+
+@register_rule
+class LFPAlphaBeta(LayerwiseFeedbackPropagation):
+    """LFP-alpha-beta: positive and negative contributions weighted alpha and beta (alpha - beta = 1)."""
+
+    name = "lfp_ab"
+    variant = "alpha_beta"
+    defaults = {"alpha": 2.0, "beta": 1.0, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        a, b = self.options["alpha"], self.options["beta"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) \
+                or b < 0 or abs(a - b - 1.0) > 1e-9:
+            raise ValueError(f"rule 'lfp_ab': needs alpha - beta = 1 with beta >= 0, got alpha={a}, beta={b}")
+
+
+@register_rule
+class LFPZPlusZMinus(LayerwiseFeedbackPropagation):
+    """LFP-z+z-: positive and negative contributions normalised separately (the z+ / z- split)."""
+
+    name = "lfp_zpzm"
+    variant = "zplus_zminus"
+    defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}

@@ -1,0 +1,1028 @@
+"""One trainer for every rule, model and dataset.
+
+Why one generic loop: the causes of failed reproductions in this field are mostly loop
+details (scheduler stepped per batch, a "validation" split that is the test set, seeds
+drawn before seeding). Writing those details once, for every rule, removes them as a
+variable: a difference between two rules' numbers is then the rules' difference.
+
+Data stays on the device as tensors; batches are index slices of a seeded randperm drawn
+from a dedicated generator, so the batch order depends on the run seed alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+# cuBLAS needs this before the first CUDA call to be deterministic; harmless on CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bpfree import distributed
+from bpfree.losses import LossFn, loss_function
+from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
+from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
+from bpfree.models import build_model, model_options
+from bpfree.provenance import environment_info, git_info
+from bpfree.rules import apply_rule
+
+EVAL_BATCH = 1000
+WARMUP_STEPS = 5
+STATUS_OK = "OK"
+STATUS_DIVERGED = "DIVERGED"
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("profile asks for device 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_determinism(threads: int | None, deterministic: bool = True) -> dict:
+    """Same seed, same numbers: deterministic kernels, fixed thread count on CPU.
+
+    deterministic=False (the run key `deterministic: false`) trades this for speed on GPU:
+    cuDNN autotuning and atomics-based kernels. Ops with no deterministic CUDA kernel (e.g.
+    adaptive average pooling's backward) only warn, so a GPU run never stops for one; the
+    trainer records which ones ran. Returns the settings, for the run's metrics.
+    """
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+NONDETERMINISTIC_WARNING = "does not have a deterministic implementation"
+
+
+@contextlib.contextmanager
+def recording_nondeterministic_ops(record: list[str]) -> Iterator[None]:
+    """Collect the ops torch warned have no deterministic kernel (GPU), pass other warnings on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            for w in caught:
+                text = str(w.message)
+                if NONDETERMINISTIC_WARNING in text:
+                    op = text.split(NONDETERMINISTIC_WARNING)[0].strip()
+                    if op not in record:
+                        record.append(op)
+            others = [w for w in caught if NONDETERMINISTIC_WARNING not in str(w.message)]
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@dataclass
+class DeviceSplits:
+    """Train/val/test inputs of one run, already on the device, normalised per batch.
+
+    Inputs are images (uint8) or encoded sentence pairs ((N, 3, T) token, segment and mask
+    ids, see bpfree.data.tokenization): the trainer only slices rows, so both go through
+    the same loop. `vocab_size` is set for text, whose model needs it.
+
+    Subsets and the validation split are drawn with `data_seed`, not the run seed, so every
+    rule and seed of an experiment sees exactly the same images. The validation split is
+    always carved from the training set.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    normalize: bool
+    num_classes: int
+    draw: dict | None = None  # what a derived training set drew (flipped labels, classes)
+    vocab_size: int | None = None
+    channels_last: bool = False  # batches leave prepare() in NHWC layout (speed.channels_last)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() and x.dtype != torch.uint8:
+            return x  # token ids
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        x = (x - self.mean) / self.std if self.normalize else x
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def augment_batch(x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per sample, batched on x's device.
+
+    Same as torchvision's RandomCrop(size, padding) / RandomHorizontalFlip on raw images
+    (the padding is black, before normalisation), without a Python loop over samples.
+    """
+    n, _, h, w = x.shape
+    if crop_padding:
+        p = crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def _as_index(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.long)
+
+
+def normalisation(data, device, preprocess: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std, shaped (1, C, 1, 1), on the device: the training set's, or
+    the constants an authors' transform fixes (preprocess mean / std, e.g. Normalize(0.5, 0.5))."""
+    channels = data.x_train.shape[1]
+    preprocess = preprocess or {}
+    stats = []
+    for key, measured in (("mean", data.mean), ("std", data.std)):
+        value = preprocess.get(key, measured)
+        value = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+        if value.numel() != channels:
+            raise ValueError(f"preprocess.{key}: {value.numel()} values for {channels}-channel images")
+        stats.append(value.reshape(1, channels, 1, 1))
+    return stats[0], stats[1]
+
+
+def subset_indices(run: dict, n_train: int, n_test: int, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's train_subset / test_subset as sorted index draws from `data_seed` (in that
+    order, one generator), or every index; the same for images and text."""
+    gen = torch.Generator().manual_seed(int(run["data_seed"]))
+    drawn = []
+    for key, total, what in (("train_subset", n_train, "training"), ("test_subset", n_test, "test")):
+        size = run.get(key)
+        if size is None:
+            drawn.append(torch.arange(total))
+            continue
+        if size > total:
+            raise ValueError(f"{key} {size} > {total} {what} {unit}")
+        drawn.append(torch.randperm(total, generator=gen)[:size].sort().values)
+    return drawn[0], drawn[1]
+
+
+def train_val_indices(n: int, run: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the training pool of the training and the validation examples."""
+    if run["val_size"] > 0:
+        tr, va = train_val_split(n, run["val_size"], run["data_seed"])
+        return _as_index(tr), _as_index(va)
+    return torch.arange(n), torch.arange(0)
+
+
+# The split a text set is evaluated on, by preference (MNLI: the matched dev set, as the paper).
+TEXT_TEST_SPLITS = ("test", "dev_matched", "dev")
+
+
+def text_max_len(run: dict) -> int:
+    options = run["model"]["options"]
+    return int(options.get("max_len", model_options(run["model"]["name"]).get("max_len", 128)))
+
+
+def device_text(data, run: dict, device: torch.device) -> DeviceSplits:
+    """Encode the run's sentence pairs with the set's own tokenizer, once, onto the device."""
+    from bpfree.data.tokenization import encode_examples
+
+    if run.get("train_data") or run["preprocess"].get("resize"):
+        raise ValueError(f"{run['dataset']} is a text set: train_data and resize apply to images only")
+    test_split = next((name for name in TEXT_TEST_SPLITS if name in data.splits), None)
+    if test_split is None:
+        raise ValueError(f"{run['dataset']} has no labelled evaluation split ({', '.join(TEXT_TEST_SPLITS)})")
+    train, test = data.splits["train"], data.splits[test_split]
+    pool, test_idx = subset_indices(run, len(train), len(test), "examples")
+    tr, va = train_val_indices(len(pool), run)
+    max_len = text_max_len(run)
+
+    def encoded(examples, idx):
+        chosen = [examples[i] for i in idx.tolist()]
+        x = encode_examples(data.tokenizer, chosen, data.text_fields, max_len).to(device)
+        return x, torch.tensor([e["label"] for e in chosen], dtype=torch.long, device=device)
+
+    x_tr, y_tr = encoded(train, pool[tr])
+    x_va, y_va = encoded(train, pool[va])
+    x_te, y_te = encoded(test, test_idx)
+    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+    return DeviceSplits(x_tr, y_tr, x_va, y_va, x_te, y_te, zero, one, False, int(data.num_classes),
+                        {"kind": "text", "test_split": test_split, "max_len": max_len},
+                        data.tokenizer.get_vocab_size())
+
+
+def run_model_options(run: dict, splits: DeviceSplits) -> dict:
+    """The model's options for this run's data: text models take the tokenizer's vocabulary size."""
+    options = dict(run["model"]["options"])
+    if splits.vocab_size is not None:
+        given = options.setdefault("vocab_size", splits.vocab_size)
+        if given != splits.vocab_size:
+            raise ValueError(f"model option vocab_size {given} != the {run['dataset']} tokenizer's "
+                             f"{splits.vocab_size}; leave vocab_size out of the config")
+    return options
+
+
+def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
+    """Cut the run's subsets out of the prepared tensors and resize them once, on device."""
+    if hasattr(data, "tokenizer"):
+        return device_text(data, run, device)
+    pool, test_idx = subset_indices(run, len(data.y_train), len(data.y_test), "images")
+
+    def take(x, idx):
+        return x[idx.to(x.device)].to(device)
+
+    y_pool, y_test, num_classes, draw = take(data.y_train, pool), take(data.y_test, test_idx), int(data.num_classes), None
+    spec = run.get("train_data")
+    if spec:
+        # Drawn from the run's seed: a fresh draw per repeat, the same for every rule.
+        if spec["kind"] == "noisy_subset":
+            pool, y_pool, flipped = noisy_subset(pool, y_pool.cpu(), spec["size"], spec["flip_fraction"],
+                                                 num_classes, spec["seed"])
+            y_pool = y_pool.to(device)
+            draw = {"kind": "noisy_subset", "seed": spec["seed"], "flipped": int(flipped.sum())}
+        else:
+            pool, y_pool, classes = k_class_subset(pool, y_pool.cpu(), spec["k"], num_classes, spec["seed"],
+                                                   spec.get("per_class"))
+            test_idx, y_test = task_subset(test_idx, y_test.cpu(), classes)
+            y_pool, y_test, num_classes = y_pool.to(device), y_test.to(device), spec["k"]
+            draw = {"kind": "k_class", "seed": spec["seed"], "classes": classes}
+    tr, va = train_val_indices(len(pool), run)
+    tr_idx, va_idx = pool[tr], pool[va]
+    y_tr, y_va = y_pool[tr.to(y_pool.device)], y_pool[va.to(y_pool.device)]
+
+    x_tr, x_va, x_te = take(data.x_train, tr_idx), take(data.x_train, va_idx), take(data.x_test, test_idx)
+    resize = run["preprocess"].get("resize")
+    x_tr, x_va, x_te = (resize_images(x, resize) for x in (x_tr, x_va, x_te))
+    mean, std = normalisation(data, device, run["preprocess"])
+    return DeviceSplits(
+        x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
+        bool(run["preprocess"].get("normalize", True)), num_classes, draw,
+    )
+
+
+def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Bilinear resize once, in float [0, 1]; per-batch work is then only the normalisation."""
+    if not size or (x.shape[-1] == size and x.shape[-2] == size):
+        return x
+    return F.interpolate(x.float().div(255.0), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def check_batch_size(run: dict, n_train: int) -> None:
+    """A batch larger than the training set would silently train full-batch: refuse it, one line."""
+    from bpfree.config import ConfigError
+    bs = int(run["batch_size"])
+    if bs > n_train:
+        raise ConfigError("batch_size", bs, f"exceeds the {n_train} training images of run "
+                          f"{run.get('run_id', run['rule']['name'])}; for full-batch training set "
+                          f"batch_size: {n_train} (in the profile, for a profile's subset)")
+
+
+def preflight(runs: list[dict], data, device) -> None:
+    """Every run's batch size, model and rule options checked before the first run trains.
+
+    A sweep's bad point (a negative width, an LFNN delta above 1) or a batch larger than the
+    training set would otherwise fail, or silently change the protocol, only when reached,
+    after earlier points trained. Raises ConfigError naming the run. Models are built on the
+    CPU once per distinct (model, rule) configuration.
+    """
+    from bpfree.config import ConfigError
+    sizes, built = {}, set()
+    for run in runs:
+        if run.get("continual") or run.get("transfer"):
+            continue  # their task sets are cut per task (continual.task_images)
+        key = repr((run.get("train_subset"), run.get("test_subset"), run["val_size"], run.get("data_seed"),
+                    run.get("train_data"), run["preprocess"].get("resize"), run["seed"]))
+        if key not in sizes:
+            images = device_splits(data, run, device)
+            sizes[key] = (len(images.y_train), images)
+            del images
+        n_train, images = sizes[key]
+        sizes[key] = (n_train, types.SimpleNamespace(num_classes=images.num_classes, vocab_size=images.vocab_size))
+        check_batch_size(run, n_train)
+        spec = repr((run["model"], run["rule"]))
+        if spec in built:
+            continue
+        built.add(spec)
+        options = dict(run["model"]["options"])
+        try:
+            options = run_model_options(run, sizes[key][1])
+            model = build_model(run["model"]["name"], num_classes=sizes[key][1].num_classes, **options)
+            apply_rule(model, run["rule"]["name"], **run["rule"]["options"]).remove()
+        except (ValueError, TypeError, RuntimeError) as error:
+            where = f"run {run['run_id']}: model {run['model']['name']} {options}, rule {run['rule']['name']}"
+            raise ConfigError(where, run["rule"]["options"] or options,
+                              str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+
+
+def parameter_groups(model: nn.Module, cfg: dict):
+    """The model's parameters, biases in a group of their own when `bias_lr_scale` is set.
+
+    Akrout et al.'s reference code steps weights by lr/batch x the batch sum of their
+    gradients but biases by lr/batch x the batch mean (fcnn/FCNN_BP.py:140-143, 185): a
+    bias learning rate 1/batch of the weights'. The weights' group comes first, so
+    param_groups[0]["lr"] stays the run's lr.
+    """
+    scale = cfg.get("bias_lr_scale")
+    if scale is None or scale == 1:
+        return list(model.parameters())
+    named = list(model.named_parameters())
+    rest = [p for name, p in named if not name.endswith("bias")]
+    biases = [p for name, p in named if name.endswith("bias")]
+    return [{"params": rest}, {"params": biases, "lr": cfg["lr"] * scale}]
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    if cfg["name"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+                               weight_decay=cfg.get("weight_decay", 0.0),
+                               nesterov=cfg.get("nesterov", False))
+    if cfg["name"] == "adam":
+        betas = tuple(cfg.get("betas", (0.9, 0.999)))
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=betas,
+                                weight_decay=cfg.get("weight_decay", 0.0))
+    raise ValueError(f"unknown optimizer {cfg['name']!r}")
+
+
+PER_BATCH_SCHEDULES = ("onecycle",)
+# How an epoch walks the training set, as torch's DataLoader names it. Akrout et al.'s code
+# reads MNIST in file order and never sees the last partial batch (FCNN_BP.py:103-106, 125).
+LOADER_DEFAULTS = {"shuffle": True, "drop_last": False}
+
+
+def epoch_order(n: int, shuffle: bool, generator: torch.Generator) -> torch.Tensor:
+    """The indices an epoch visits: a fresh permutation, or the stored order."""
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int = 1):
+    """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction
+    bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so."""
+    if cfg["name"] == "onecycle":
+        max_lr = cfg.get("max_lr", optimizer.param_groups[0]["lr"])
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
+                                                   steps_per_epoch=steps_per_epoch,
+                                                   pct_start=cfg.get("pct_start", 0.3))
+    if cfg["name"] == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["milestones"],
+                                                    gamma=cfg.get("gamma", 0.1))
+    if cfg["name"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["step_size"],
+                                               gamma=cfg.get("gamma", 0.1))
+    return None
+
+
+@torch.no_grad()
+def predicted_class(out: torch.Tensor) -> torch.Tensor:
+    """The class a net's output names: the largest logit, or for a (batch, classes, steps)
+    spike train the class with the most spikes."""
+    return (out.sum(2) if out.dim() == 3 else out).argmax(1)
+
+
+def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
+                   y: torch.Tensor, loss_fn: LossFn | None = F.cross_entropy) -> tuple[float | None, float | None]:
+    """(top-1 accuracy in percent, mean loss); (None, None) for an empty split; loss None
+    when loss_fn is None (accuracy alone: no loss that might not fit the net's output)."""
+    if len(y) == 0:
+        return None, None
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=y.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
+    for i in range(0, len(y), EVAL_BATCH):
+        out = model(images.prepare(x[i:i + EVAL_BATCH]))
+        correct += (predicted_class(out) == y[i:i + EVAL_BATCH]).sum()
+        yb = y[i:i + EVAL_BATCH]
+        if loss_fn is not None:
+            loss_sum += loss_fn(out.float(), yb).double() * len(yb)
+    model.train(was_training)
+    return 100.0 * correct.item() / len(y), None if loss_fn is None else loss_sum.item() / len(y)
+
+
+def accuracy(model: nn.Module, images: DeviceSplits, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Top-1 accuracy in percent; None for an empty split."""
+    return evaluate_split(model, images, x, y, loss_fn=None)[0]
+
+
+# torch.compile's backend; tests set BPFREE_COMPILE_BACKEND=aot_eager (no C++ toolchain needed).
+COMPILE_BACKEND = os.environ.get("BPFREE_COMPILE_BACKEND", "inductor")
+
+
+def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: torch.device, ranks=None):
+    """(module to call, autocast factory or None) for a run's `speed` settings and ranks.
+
+    The rule stays applied to `model` itself; DDP and torch.compile wrap it, so checkpoints,
+    diagnostics and the rule's hooks all see the plain module.
+    """
+    if speed.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+        images.channels_last = True
+    net = distributed.wrap(model, ranks, device)
+    net = torch.compile(net, backend=COMPILE_BACKEND) if speed.get("compile") else net
+    autocast = None
+    if speed.get("precision", "fp32") == "bf16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    return net, autocast
+
+
+def _loss_precision(out: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least: half-precision logits (autocast) are cast up, float64 ones
+    (the parity tests' nets) kept, so a float64 step is float64 throughout."""
+    return out if out.dtype == torch.float64 else out.float()
+
+
+def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None,
+                      loss_weight=None, loss_fn: LossFn = F.cross_entropy):
+    """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
+
+    before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
+    uses it (the full-batch diagnostics measure that exact update). `autocast` (a context
+    factory, e.g. bf16 autocast) covers the forward and the losses, not the backward or the
+    rule's post-step work, as torch's AMP recipe does. `loss_weight` scales what is
+    back-propagated (a data-parallel rank's short shard); `loss_fn` is the batch-mean
+    training loss (bpfree.losses). Returns (loss, logits).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        out = model(xb)
+        loss = loss_fn(_loss_precision(out), yb)
+        total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
+    (total if loss_weight is None else total * loss_weight).backward()
+    handle.before_step()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if before_update is not None:
+        before_update(xb, yb)
+    optimizer.step()
+    handle.after_step()
+    return loss, out
+
+
+class StepTimer:
+    """Per-step wall time; CUDA events on GPU so that asynchronous kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.samples: list[float] = []
+        self._pending: list = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token, keep: bool) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if keep:
+                self._pending.append((token, end))
+        elif keep:
+            self.samples.append((time.perf_counter() - token) * 1e3)
+
+    def flush(self) -> None:
+        if self._pending:
+            torch.cuda.synchronize()
+            self.samples += [a.elapsed_time(b) for a, b in self._pending]
+            self._pending = []
+
+    def mean_ms(self) -> float | None:
+        self.flush()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+# A run has DIVERGED from the first epoch whose mean training loss is non-finite, exceeds
+# DIVERGENCE_FACTOR times its first epoch's, or exceeds LOSS_BOUND nats (every training loss
+# here is a cross-entropy: ln 10 = 2.3 at a uniform guess, so 100 nats means the true class
+# gets e^-100 on average): selection never reaches past it and the run feeds no table,
+# whatever epoch a best-validation pick would land on. A run whose loss rose past
+# UNSTABLE_FACTOR times the first epoch's and stayed under both bounds is unstable: counted,
+# and flagged. (The A1 DFA and C2 BackMAN runs that motivated the rule reached 5.7e2 to 1e17.)
+DIVERGENCE_FACTOR = 100.0
+LOSS_BOUND = 100.0
+UNSTABLE_FACTOR = 10.0
+
+
+def exploded(loss: float, first: float | None) -> bool:
+    """Whether one epoch's training loss breaks the divergence rule above."""
+    return (not math.isfinite(loss) or loss > LOSS_BOUND
+            or (first is not None and 0 < first * DIVERGENCE_FACTOR < loss))
+
+
+def loss_instability(epochs: list[int], losses: list[float | None]) -> dict:
+    """{diverged_epoch, unstable_epoch, peak_ratio} of a run's recorded training losses, per
+    the rule above; the reference is the first recorded epoch's loss."""
+    out = {"diverged_epoch": None, "unstable_epoch": None, "peak_ratio": None, "loss": None}
+    first = next((v for v in losses if v is not None), None)
+    peak = 0.0
+    for epoch, loss in zip(epochs, losses):
+        if loss is None:
+            continue
+        if exploded(loss, first):
+            out["diverged_epoch"], out["loss"] = epoch, loss
+            out["peak_ratio"] = loss / first if math.isfinite(loss) and first else None
+            return out
+        if first > 0:
+            peak = max(peak, loss / first)
+            if out["unstable_epoch"] is None and loss > UNSTABLE_FACTOR * first:
+                out["unstable_epoch"] = epoch
+    out["peak_ratio"] = peak if first else None
+    return out
+
+
+def _select(history: list[dict], selection: str) -> dict:
+    """Which epoch's test accuracy is reported, plus the two alternatives, clearly labelled."""
+    if not history:
+        return {"selected_epoch": None, "selected_test_acc": None, "final_test_acc": None,
+                "best_test_epoch": None, "best_test_acc_test_selected": None}
+    final = history[-1]
+    if selection == "best_val":
+        chosen = max(history, key=lambda h: (h["val_acc"], -h["epoch"]))  # earliest best
+    else:
+        chosen = final
+    best_test = max(history, key=lambda h: (h["test_acc"], -h["epoch"]))
+    return {
+        "selection": selection,
+        "selected_epoch": chosen["epoch"],
+        "selected_test_acc": chosen["test_acc"],
+        "final_test_acc": final["test_acc"],
+        # biotorch picked the best epoch ON THE TEST SET; kept only for comparison with it.
+        "best_test_epoch": best_test["epoch"],
+        "best_test_acc_test_selected": best_test["test_acc"],
+    }
+
+
+class ResumeState:
+    """The state of a run after its last finished epoch, in one atomically written file.
+
+    Why all of it: a run killed mid-epoch and restarted from here must end with exactly the
+    numbers of an uninterrupted run, so everything the remaining epochs read is saved, the
+    random streams included (batch order, augmentation, dropout, the rule's own draws).
+    A file written for another config, data or code is ignored, never continued.
+    Loading uses weights_only=True: tensors and plain containers only, no code runs.
+    """
+
+    KEYS = ("epoch", "resumed_at", "elapsed_s", "model", "optimizer", "scheduler", "rule", "conservation",
+            "rng", "history", "diagnostics", "step_ms")
+
+    def __init__(self, path, fingerprint: str, every_s: float = 0.0, epochs: int | None = None):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.every_s = float(every_s)
+        self.epochs = epochs
+        self._last = time.perf_counter()
+
+    def load(self) -> tuple[dict | None, str | None]:
+        """(state, None), or (None, why the file was not continued); (None, None) if absent.
+
+        A file that matches the run but cannot be continued (missing parts, an epoch the run
+        does not have, history beyond its epoch) is deleted, so a retry does not meet it again.
+        """
+        if not self.path.is_file():
+            return None, None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - an unreadable file costs only the epochs it held
+            self.path.unlink(missing_ok=True)
+            return None, f"unreadable ({type(error).__name__}), deleted, starting afresh"
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return None, "written for another config, data or code, starting afresh"
+        problem = self._problem(state)
+        if problem:
+            self.path.unlink(missing_ok=True)
+            return None, f"{problem}, deleted, starting afresh"
+        return state, None
+
+    def _problem(self, state: dict) -> str | None:
+        missing = [k for k in self.KEYS if k not in state]
+        if missing:
+            return f"lacks {', '.join(missing)}"
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or epoch < 1 or (self.epochs is not None and epoch >= self.epochs):
+            return f"saved after epoch {epoch!r}, which this {self.epochs}-epoch run cannot continue from"
+        history = state["history"]
+        if not isinstance(history, list) or any(not isinstance(h, dict) or h.get("epoch", 0) > epoch
+                                                for h in history):
+            return f"its history does not end by epoch {epoch}"
+        return None
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last >= self.every_s
+
+    def save(self, state: dict) -> None:
+        from bpfree.provenance import atomic_torch_save
+        atomic_torch_save(self.path, {"fingerprint": self.fingerprint, **state})
+        self._last = time.perf_counter()
+
+
+def run_fingerprint(run: dict, manifest: dict) -> str:
+    """Config, data and code of a run: what a resume file must match to be continued (the
+    same two hashes that decide whether a finished run's metrics.json is reused)."""
+    from bpfree.config import config_hash
+    return f"{config_hash(run, data_hash(manifest))}-{code_hash()}"
+
+
+def _load_model_state(model: nn.Module, state: dict, device: torch.device) -> None:
+    """load_state_dict, creating first the buffers a rule makes on its first forward (DFA's B)."""
+    for key in state.keys() - model.state_dict().keys():
+        owner, _, name = key.rpartition(".")
+        model.get_submodule(owner).register_buffer(name, state[key].to(device))
+    model.load_state_dict(state)
+
+
+def _rng_snapshot(device: torch.device, generators: dict[str, torch.Generator | None]) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    states.update({name: g.get_state() for name, g in generators.items() if g is not None})
+    return states
+
+
+def _rng_restore(device: torch.device, generators: dict[str, torch.Generator | None], states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    for name, g in generators.items():
+        if g is not None:
+            g.set_state(states[name])
+
+
+def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | None = None,
+              resume_path: str | os.PathLike | None = None, resume_every_s: float = 0.0,
+              log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
+    """Train one (experiment, rule, seed) run and return its metrics dict.
+
+    A non-finite training loss ends the run with status DIVERGED instead of raising, so the
+    rest of the pipeline (other rules, other seeds, tables) still runs. With `resume_path`,
+    the state after each epoch (at most every `resume_every_s` seconds) is saved there and
+    a matching file is continued (ResumeState); the caller deletes it once the metrics are
+    safe. `progress` shows an epoch bar (bpfree.progress decides whether it is visible).
+    """
+    nondeterministic_ops: list[str] = []
+    with recording_nondeterministic_ops(nondeterministic_ops):
+        metrics = _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress)
+    metrics["determinism"]["nondeterministic_ops"] = nondeterministic_ops
+    return metrics
+
+
+def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
+    from bpfree.progress import epoch_bar
+    from bpfree.provenance import atomic_torch_save
+
+    wall0 = time.perf_counter()
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    ranks = distributed.from_environment()  # torchrun: this process is one data-parallel rank
+    if ranks is not None and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
+    seed = int(run["seed"])
+    images = device_splits(data, run, device)
+    check_batch_size(run, len(images.y_train))
+
+    seed_everything(seed)  # before the model and the rule: both draw random numbers
+    model = build_model(run["model"]["name"], num_classes=images.num_classes,
+                        **run_model_options(run, images)).to(device)
+    handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
+    # after apply_rule: KP adds B
+    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])
+    loss_fn = loss_function(run.get("loss"))
+    net, autocast = speed_setup(model, images, run.get("speed") or {}, device, ranks)
+    n = len(images.y_train)
+    bs = int(run["batch_size"])
+    if ranks is not None and bs % ranks.world:
+        raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
+    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
+    steps = n // bs if loader["drop_last"] and n >= bs else (n + bs - 1) // bs
+    n_used = min(n, steps * bs)  # images an epoch trains on
+    scheduler = build_scheduler(optimizer, run["schedule"], steps, int(run["epochs"]))
+    per_batch_schedule = run["schedule"]["name"] in PER_BATCH_SCHEDULES
+    clip = run["optimizer"].get("clip_grad_norm")
+    order_gen = torch.Generator().manual_seed(seed)
+
+    # Full-batch training (the implicit-regularisation protocols): no shuffling, the
+    # normalised training set is built once, and the alignment diagnostics reuse the step.
+    crop_padding = int(run["preprocess"].get("crop_padding", 0) or 0)
+    flip = bool(run["preprocess"].get("flip", False))
+    augment_gen = None
+    if crop_padding or flip:
+        augment_gen = torch.Generator(device=device).manual_seed(seed + 1)  # own stream
+    full_batch = bs >= n and augment_gen is None  # one batch, the whole set: order is moot
+    full_index = distributed.shard(torch.arange(n, device=images.y_train.device), ranks)
+    x_full = images.prepare(images.x_train[full_index]) if full_batch else None
+    y_full = images.y_train[full_index] if full_batch else None
+
+    diag_cfg = run.get("diagnostics") or {}
+    diag_every = int(diag_cfg.get("every", 0) or 0)
+    diag_x = images.prepare(images.x_train[: diag_cfg.get("batch", 256)]) if diag_every else None
+    diag_y = images.y_train[: diag_cfg.get("batch", 256)] if diag_every else None
+    tracker = ConservationTracker(handle) if diag_every and diag_cfg.get("conservation") else None
+    diagnostics = []
+
+    def diagnose(epoch, step_angles=None):
+        if step_angles is None:
+            report = alignment_report(model, handle, loss_fn, diag_x, diag_y)
+        else:
+            report = {"weight_feedback_angle_deg": weight_feedback_angles(handle),
+                      "update_gradient_angle_deg": step_angles}
+        if tracker is not None and epoch > 0:
+            report["conservation"] = tracker.report()
+        diagnostics.append({"epoch": epoch, **report})
+
+    epochs = int(run["epochs"])
+    log_every = int(run.get("log_every", 1))
+    timer = StepTimer(device)
+    history: list[dict] = []
+    status, diverged_epoch = STATUS_OK, None
+    generators = {"order": order_gen, "augment": augment_gen}
+    manifest = getattr(data, "manifest", {}) or {}
+    resume = ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s, epochs) if resume_path else None
+    saved, ignored = resume.load() if resume is not None else (None, None)
+    if ignored and log:
+        log(f"  resume file {resume_path}: {ignored}")
+    first_epoch, resumed_at, elapsed_before = 1, [], 0.0
+    first_loss = None  # the first epoch's training loss, the divergence rule's reference
+    if saved is not None:
+        _load_model_state(model, saved["model"], device)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        handle.rule.load_resume_state(saved["rule"])
+        if tracker is not None:
+            tracker.load_state(saved["conservation"])
+        _rng_restore(device, generators, saved["rng"])
+        history, diagnostics, timer.samples = saved["history"], saved["diagnostics"], saved["step_ms"]
+        first_loss = saved.get("first_loss")
+        resumed_at, elapsed_before = saved["resumed_at"] + [saved["epoch"]], saved["elapsed_s"]
+        first_epoch = saved["epoch"] + 1
+        if log:
+            log(f"  resumed after epoch {saved['epoch']} from {resume_path}")
+    elif diag_every:
+        diagnose(0)
+
+    def save_resume_state(epoch: int) -> None:
+        if resume is None or epoch == epochs or not resume.due() or (ranks is not None and not ranks.leader):
+            return
+        timer.flush()
+        resume.save({
+            "epoch": epoch, "resumed_at": resumed_at, "first_loss": first_loss,
+            "elapsed_s": elapsed_before + time.perf_counter() - wall0,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rule": handle.rule.resume_state(),
+            "conservation": tracker.state() if tracker is not None else None,
+            "rng": _rng_snapshot(device, generators),
+            "history": history, "diagnostics": diagnostics, "step_ms": timer.samples,
+        })
+
+    bar = epoch_bar(epochs, run.get("run_id", run["rule"]["name"]), enabled=progress, initial=first_epoch - 1)
+    model.train()
+    for epoch in range(first_epoch, epochs + 1):
+        perm = None if full_batch else epoch_order(n, loader["shuffle"], order_gen).to(device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        lr = optimizer.param_groups[0]["lr"]
+        warmup = min(WARMUP_STEPS, steps // 2) if epoch == 1 else 0
+        diag_now = bool(diag_every) and epoch % diag_every == 0
+        untimed = diag_now or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
+        step_angles = None
+
+        def measure_update(xb, yb):
+            nonlocal step_angles
+            step_angles = step_gradient_angles(model, handle, loss_fn, xb, yb)
+        for step, i in enumerate(range(0, n_used, bs)):
+            token = timer.start()
+            if full_batch:
+                xb, yb, global_count = x_full, y_full, n
+            else:
+                global_idx = perm[i:i + bs]
+                idx, global_count = distributed.shard(global_idx, ranks), len(global_idx)
+                xb, yb = images.x_train[idx], images.y_train[idx]
+                if augment_gen is not None:
+                    xb = augment_batch(xb, crop_padding, flip, augment_gen)
+                xb = images.prepare(xb)
+            loss, out = optimisation_step(net, handle, optimizer, xb, yb, clip,
+                                          measure_update if full_batch and diag_now else None, autocast,
+                                          distributed.loss_weight(len(yb), global_count, ranks), loss_fn)
+            if per_batch_schedule:
+                scheduler.step()
+            loss_sum += loss.detach().double() * len(yb)
+            correct += (predicted_class(out.detach()) == yb).sum()
+            timer.stop(token, keep=step >= warmup and not untimed)
+        distributed.sum_(loss_sum)
+        distributed.sum_(correct)
+        train_loss = (loss_sum / n_used).item()
+        first_loss = train_loss if first_loss is None else first_loss
+        if exploded(train_loss, first_loss):
+            status, diverged_epoch = STATUS_DIVERGED, epoch
+            if log:
+                log(f"  epoch {epoch}: training loss {train_loss} (first epoch {first_loss}), run DIVERGED")
+            break
+        if scheduler is not None and not per_batch_schedule:
+            scheduler.step()
+        if diag_now:
+            diagnose(epoch, step_angles)
+        bar.update(1)
+        if epoch % log_every and epoch != epochs:
+            save_resume_state(epoch)
+            continue
+        val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val, loss_fn)
+        test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test, loss_fn)
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": 100.0 * correct.item() / n_used,
+            "val_acc": val_acc,
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+        }
+        history.append(record)
+        bar.set_postfix(loss=f"{train_loss:.4f}", train=f"{record['train_acc']:.1f}%",
+                        test=f"{record['test_acc']:.1f}%", refresh=False)
+        if log and (log_every == 1 or epoch % (50 * log_every) == 0 or epoch == epochs):
+            log(
+                f"  epoch {epoch}: loss {train_loss:.4f} train {record['train_acc']:.2f}% "
+                f"val {record['val_acc'] if record['val_acc'] is not None else '-'} "
+                f"test {record['test_acc']:.2f}%")
+        save_resume_state(epoch)
+    bar.close()
+
+    step_ms = timer.mean_ms()
+    checkpoint = None
+    if checkpoint_path is not None and status == STATUS_OK and (ranks is None or ranks.leader):
+        atomic_torch_save(checkpoint_path, {
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": run["model"]["name"], "rule": run["rule"]["name"], "seed": seed,
+            "final_test_acc": history[-1]["test_acc"] if history else None,
+        })
+        checkpoint = str(checkpoint_path)
+    counts = dict(handle.counts)
+    handle.remove()
+    selected = _select(history, run["selection"])
+    curves = None
+    if log_every > 1:
+        # Long runs: every logged epoch goes into compact columns instead of one dict each.
+        curves = to_curves(history, diagnostics)
+        history = history[-1:]
+        diagnostics = diagnostics[:1] + diagnostics[-1:] if len(diagnostics) > 1 else diagnostics
+    return _json_safe({
+        "status": status,
+        "diverged_epoch": diverged_epoch,
+        "history": history,
+        "curves": curves,
+        "train_data_draw": images.draw,
+        **selected,
+        "epochs_completed": len(history),
+        "sizes": {"train": n, "val": len(images.y_val), "test": len(images.y_test)},
+        "mean_step_ms": step_ms,
+        "wall_time_s": elapsed_before + time.perf_counter() - wall0,
+        "resumed_after_epochs": resumed_at,
+        "determinism": determinism,
+        "converted_layers": counts,
+        "diagnostics": diagnostics,
+        "checkpoint": checkpoint,
+        "seed": seed,
+        "data": {"dataset": run["dataset"], "variant": manifest.get("variant"),
+                 "hash": data_hash(manifest)},
+        "environment": environment_info(device),
+        **({"distributed": {"world_size": ranks.world, "backend": torch.distributed.get_backend()}}
+           if ranks is not None else {}),
+        "git": git_info(),
+        "config": run,
+    })
+
+
+# Sources whose change can change a run's numbers (the train stage's code deps in dvc.yaml).
+CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "transfer.py", "metrics.py",
+                "models.py", "pruning.py", "losses.py", "rules", "data")
+
+
+def code_hash() -> str:
+    """Fingerprint of the code a run executes: a resumed stage reuses a finished run only if
+    neither its config nor this changed, so editing a rule never leaves stale metrics behind."""
+    import hashlib
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in CODE_SOURCES:
+        path = root / name
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file() and f.suffix in (".py", ".json"):
+                digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def data_hash(manifest: dict) -> str | None:
+    """One hash for the prepared data: of the sha256 pins of its output files (which the
+    loader verifies), so a re-preparation from different raw bytes re-runs every run."""
+    import hashlib
+    import json
+    if not manifest:
+        return None
+    pins = manifest.get("outputs") or manifest
+    blob = json.dumps(pins, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CURVE_DIGITS = 7  # float32 training: later digits are rounding noise
+
+
+def _round(v, digits: int = CURVE_DIGITS):
+    return v if not isinstance(v, float) or not math.isfinite(v) or v == 0 else float(f"{v:.{digits}g}")
+
+
+def to_curves(history: list[dict], diagnostics: list[dict]) -> dict[str, list]:
+    """Columns keyed "<quantity>" (history) or "<quantity>/<layer>" (diagnostics).
+
+    History and diagnostics have their own epoch columns because they are logged on
+    different schedules. Conservation columns hold each hidden layer's mean |ratio - 1|
+    and the number of excluded neurons.
+    """
+    curves: dict[str, list] = {"epoch": [h["epoch"] for h in history]}
+    for key in ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "test_loss"):
+        curves[key] = [_round(h.get(key)) for h in history]
+    curves["diagnostics_epoch"] = [d["epoch"] for d in diagnostics]
+    columns: dict[str, list] = {}
+    for i, d in enumerate(diagnostics):
+        values = {}
+        for layer, v in d.get("weight_feedback_angle_deg", {}).items():
+            values[f"weight_feedback_angle_deg/{layer}"] = v
+        for layer, v in d.get("update_gradient_angle_deg", {}).items():
+            values[f"update_gradient_angle_deg/{layer}"] = v
+        for layer, c in (d.get("conservation") or {}).items():
+            values[f"conservation_deviation/{layer}"] = c["mean_abs_deviation"]
+            values[f"conservation_excluded/{layer}"] = c["excluded"]
+        for key, v in values.items():
+            columns.setdefault(key, [None] * len(diagnostics))[i] = _round(v)
+    curves.update(sorted(columns.items()))
+    return curves
+
+
+def _json_safe(obj):
+    """Strict JSON: NaN/inf become None (a diverged run's loss must not break JSON readers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
+def load_checkpoint_model(path, run: dict, splits: DeviceSplits, device) -> nn.Module:
+    """Rebuild the plain model of a run from its checkpoint (rule state such as B is dropped:
+    rules change only the backward pass, so the forward pass of the plain model is the same)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ValueError("no state_dict in it")
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by cause
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable ({detail}); delete it and re-run "
+                              f"`python -m stages.train {run.get('experiment', '<experiment>')}` for it") from None
+    model = build_model(run["model"]["name"], num_classes=splits.num_classes,
+                        **run_model_options(run, splits)).to(device)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in ckpt["state_dict"]]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing[:5]}")
+    model.load_state_dict({k: ckpt["state_dict"][k] for k in expected})
+    return model
