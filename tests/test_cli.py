@@ -127,3 +127,18 @@ def main_needs_checkout(cwd, target) -> bool:
     done = subprocess.run([sys.executable, "-c", "from bpfree.cli import main; raise SystemExit(main(['train', 'X']))"],
                           capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(target)})
     return done.returncode == 2 and "repository root" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_catalogue_bpfree_list_reads_is_what_the_registries_say():
+    """bpfree/catalogue.json lets `bpfree list` answer without torch; regenerate it with
+    `python -m bpfree.catalogue` when a rule, model or dataset changes."""
+    from bpfree import catalogue
+    assert catalogue.render(catalogue.build()) == catalogue.CATALOGUE_FILE.read_text(), \
+        "bpfree/catalogue.json is stale: run `python -m bpfree.catalogue`"
+
+
+def test_bpfree_list_loads_no_torch():
+    probe = "import sys\nfrom bpfree.cli import main\nassert main(['list']) == 0\nassert 'torch' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "| lfp_eps" in done.stdout and "| bert_classifier" in done.stdout and "| F1-kp-tracks-bp-sst2" in done.stdout
