@@ -209,6 +209,90 @@ def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, re
             "optimizer": case.optimizer, "rules": results}
 
 
+# --------------------------------------------------------------------------- peers
+# Our steps against the same step elsewhere, same model, batch and optimiser, interleaved
+# over the repeats: BP against a plain PyTorch loop (what the harness adds), FA against the
+# authors' package biotorch (on its own LeNet-CIFAR). The LFP authors' lfprop pins packages
+# our lock cannot hold, so it is compared in its own environment (tests/reference), not here.
+LFPROP_NOTE = ("lfprop (the LFP authors' package) pins versions our lock does not hold; its step is "
+               "compared in its own environment (tests/reference/lfprop_reference.py), not timed here")
+
+
+def _plain_step(model: torch.nn.Module, x, y):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def _biotorch_lenet_steps(device: torch.device, batch: int):
+    """(ours, biotorch's) FA steps on biotorch's LeNetCIFAR with the same weights and batch."""
+    import contextlib
+    import copy
+    import io
+
+    from biotorch.models.le_net import LeNetCIFAR
+    from biotorch.module.biomodule import BioModule
+
+    torch.manual_seed(0)
+    plain = LeNetCIFAR()
+    with contextlib.redirect_stdout(io.StringIO()):  # biotorch prints its conversion summary
+        bio = BioModule(copy.deepcopy(plain), mode="fa", copy_weights=True,
+                        layer_config={"type": "fa", "options": {"init": "xavier", "constrain_weights": False,
+                                                                "gradient_clip": False}}, output_dim=10).to(device)
+    ours = copy.deepcopy(plain).to(device)
+    handle = apply_rule(ours, "fa")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, 3, 32, 32), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
+    bio.train()
+    ours.train()
+
+    def our_step():
+        optimisation_step(ours, handle, optimizer, x, y)
+    return our_step, _plain_step(bio, x, y)
+
+
+def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, batch: int = 64) -> list[dict]:
+    """Median step time of ours over the peer's, both timed interleaved in this process."""
+    timed = _timer(device)
+    pairs = []
+    for name in ("mlp_mnist", "lenet_cifar10"):
+        case = dataclasses.replace(CASES[name], batch=batch)
+        ours = make_step(case, "bp", device)
+        torch.manual_seed(0)
+        model = build_model(case.model, num_classes=case.classes, **case.options).to(device).train()
+        x, y = _batch(case, device)
+        pairs.append((f"bp (bpfree's step) vs a plain PyTorch loop, {case.description}", ours,
+                      _plain_step(model, x, y), "PyTorch"))
+    try:
+        our_fa, bio_fa = _biotorch_lenet_steps(device, batch)
+        pairs.append(("fa vs biotorch 0.0.16's fa, LeNet-CIFAR (biotorch's model)", our_fa, bio_fa, "biotorch"))
+        missing = None
+    except ImportError as error:
+        missing = f"biotorch not installed ({error.name}): pip install --no-deps -r requirements-parity.txt"
+    out = []
+    for label, ours, theirs, peer in pairs:
+        timed(ours, warmup)
+        timed(theirs, warmup)
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(timed(ours, steps))
+            b.append(timed(theirs, steps))
+        ratios = [x / y for x, y in zip(a, b)]
+        out.append({"pair": label, "peer": peer, "ours_ms": statistics.median(a), "peer_ms": statistics.median(b),
+                    "ratio": statistics.median(a) / statistics.median(b), "ratio_min": min(ratios),
+                    "ratio_max": max(ratios), "batch": batch})
+    if missing:
+        out.append({"pair": "fa vs biotorch's fa", "peer": "biotorch", "missing": missing})
+    out.append({"pair": "lfp_eps vs lfprop's lfp_step", "peer": "lfprop", "missing": LFPROP_NOTE})
+    return out
+
+
 def _load_average() -> float | None:
     """Other work on the machine inflates every rule's time alike (the ratios hold), not the
     absolute times: recorded so a reader can tell a quiet machine from a busy one."""
@@ -228,6 +312,7 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
         cases.append(CASES[name] if batch is None else dataclasses.replace(CASES[name], batch=batch))
     results = [benchmark_case(case, device, spec["warmup"], spec["steps"], spec["repeats"], log=log)
                for case in cases]
+    peers = peer_ratios(device, spec["warmup"], spec["steps"], spec["repeats"], batch=spec.get("batch") or 64)
     return {
         "profile": profile, "device": str(device), "dtype": "float32",
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -236,7 +321,7 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
         "warmup": spec["warmup"], "steps": spec["steps"],
         "repeats": spec["repeats"], "memory": "CUDA max allocated" if device.type == "cuda"
         else "process RSS after building the rule's model alone and 2 steps (in brackets: what they added)",
-        "environment": environment_info(device), "git": git_info(), "cases": results,
+        "environment": environment_info(device), "git": git_info(), "cases": results, "peers": peers,
     }
 
 
@@ -284,6 +369,16 @@ def render_markdown(records: dict) -> str:
                 lines.append(f"| {rule} | {_fmt(r['median_ms'])} | {_fmt(r['p25_ms'])}–{_fmt(r['p75_ms'])} | "
                              f"{_fmt(r['steps_per_s'], 1)} | {_fmt(r['ratio_to_bp'])} | {mark or '—'} | "
                              f"{_memory(r, record)} | {r.get('extra_work') or ''} |")
+            lines.append("")
+        if record.get("peers"):
+            lines += ["### Against other implementations of the same step (interleaved; ratio = ours / theirs)", "",
+                      "| pair | ours ms | theirs ms | ratio (median) | ratio range over repeats |", "|---|---|---|---|---|"]
+            for p in record["peers"]:
+                if "missing" in p:
+                    lines.append(f"| {p['pair']} | — | — | — | not timed: {p['missing']} |")
+                else:
+                    lines.append(f"| {p['pair']}, batch {p['batch']} | {_fmt(p['ours_ms'])} | {_fmt(p['peer_ms'])} | "
+                                 f"{_fmt(p['ratio'], 3)} | {_fmt(p['ratio_min'], 3)}–{_fmt(p['ratio_max'], 3)} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

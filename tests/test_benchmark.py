@@ -1,6 +1,7 @@
 """The step-time benchmark: every rule through the trainer's step, ratios to BP, a table."""
 import dataclasses
 
+import pytest
 import torch
 
 from bpfree.benchmark import CASES, PROFILES, benchmark_case, render_markdown, rules_for
@@ -37,3 +38,17 @@ def test_a_rule_that_cannot_run_a_model_is_reported_not_fatal():
     case = dataclasses.replace(CASES["mlp_mnist"], batch=4)
     result = benchmark_case(case, torch.device("cpu"), warmup=1, steps=1, repeats=1, rules=["dtp"])
     assert "blocks" in result["rules"]["dtp"]["error"]
+
+
+def test_peer_ratios_time_our_steps_against_pytorch_and_biotorch_interleaved():
+    from bpfree.benchmark import peer_ratios, render_markdown
+    pytest.importorskip("biotorch", reason="biotorch not installed: pip install --no-deps -r requirements-parity.txt")
+    peers = peer_ratios(torch.device("cpu"), warmup=1, steps=1, repeats=2, batch=8)
+    timed = [p for p in peers if "missing" not in p]
+    assert [p["peer"] for p in timed] == ["PyTorch", "PyTorch", "biotorch"]
+    assert all(p["ratio"] > 0 and p["ratio_min"] <= p["ratio"] * 1.0000001 for p in timed)
+    assert [p["peer"] for p in peers if "missing" in p] == ["lfprop"]
+    record = {"device": "cpu", "device_name": "x", "threads": 1, "dtype": "float32", "warmup": 1, "steps": 1,
+              "repeats": 2, "memory": "rss", "cases": [], "peers": peers}
+    text = render_markdown({"smoke": record})
+    assert "Against other implementations of the same step" in text and "not timed: lfprop" in text
