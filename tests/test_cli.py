@@ -1,5 +1,6 @@
 """The `bpfree` command: list, claims (exit status), and the stage-backed train/report."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,12 @@ def test_input_errors_are_recognised_by_their_defining_classes():
 def test_a_built_wheel_installs_and_works_outside_the_checkout(tmp_path):
     """The wheel carries the package data (claims, notes, protocols, checksums) and the
     attention module; installed elsewhere it lists rules and claims from any directory."""
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO),  # isolated, as `pip install -e .`
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # built from a copy: setuptools writes build/ next to pyproject.toml, never into the checkout
+    shutil.copytree(REPO / "bpfree", source / "bpfree", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(source),  # isolated, as `pip install -e .`
                     "-w", str(wheels)], check=True, capture_output=True)
     (wheel,) = wheels.glob("bpfree-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
