@@ -187,7 +187,7 @@ def test_sgd_step_moves_each_neuron_by_lr_times_alpha():
 
 @pytest.mark.parametrize("options, msg", [
     ({"alpha": 0}, "alpha"), ({"alpha": [1.0, -1.0]}, "alpha"), ({"unit_c": 1}, "unit_c"),
-    ({"alpha": [1.0, 1.0]}, "3 Linear/Conv2d layers"),
+    ({"alpha": [1.0, 1.0]}, "3 Linear/Conv layers"),
 ])
 def test_bad_options_are_rejected_before_any_change(options, msg):
     model = mlp()

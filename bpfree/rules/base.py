@@ -1,6 +1,6 @@
 """Rule registry, in-place layer conversion and the reversible handle.
 
-A rule converts an existing model by swapping the *class* of each Linear/Conv2d instance
+A rule converts an existing model by swapping the *class* of each Linear/Conv1d/Conv2d instance
 for a subclass whose forward asks the rule what to do. The module object, its Parameters
 (and so any optimizer already holding them), hooks and state_dict keys stay the same, and
 restoring is a class swap back. No model is ever copied per rule.
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
+SUPPORTED_LAYERS = (nn.Linear, *CONV_LAYERS)
 _RULES: dict[str, type["Rule"]] = {}
 _CONVERTED_CLASSES: dict[type, type] = {}
 
@@ -31,7 +32,7 @@ def register_rule(cls: type["Rule"]) -> type["Rule"]:
 
 
 def list_layer_rules() -> list[str]:
-    """Rules that apply to any model with Linear/Conv2d layers (not only to block-structured ones)."""
+    """Rules that apply to any model with Linear/Conv layers (not only to block-structured ones)."""
     return [name for name in list_rules() if _RULES[name].granularity == "layer"]
 
 
@@ -70,11 +71,11 @@ def _converted_class(cls: type) -> type:
     return _CONVERTED_CLASSES[cls]
 
 
-def conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+def conv_padding(layer: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     """Numeric padding for convolution_backward, which does not accept 'same'/'valid'."""
     if isinstance(layer.padding, str):
         if layer.padding == "valid":
-            return (0, 0)
+            return (0,) * len(layer.kernel_size)
         pads = []
         for k, d in zip(layer.kernel_size, layer.dilation):
             total = d * (k - 1)
@@ -88,11 +89,49 @@ def conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
     return tuple(layer.padding)
 
 
-def padded_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Apply non-zero padding modes explicitly, as nn.Conv2d does, returning the conv padding."""
+def padded_input(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Apply non-zero padding modes explicitly, as nn.Conv1d/2d do, returning the conv padding."""
     if layer.padding_mode != "zeros":
-        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0)
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), \
+            (0,) * len(layer.kernel_size)
     return x, conv_padding(layer)
+
+
+@dataclass(frozen=True)
+class Conv2dCall:
+    """A Conv1d or Conv2d call in Conv2d terms, so each rule keeps one conv path.
+
+    A Conv1d over length L is exactly a Conv2d of height 1: input (N, C, 1, L), kernel
+    (O, I, 1, k), stride/padding/dilation (1, s) / (0, p) / (1, d). `lift` views a Conv1d's
+    (O, I, k) weight or feedback as that kernel (autograd carries the gradient back to the
+    3-d tensor); `output` drops the height again.
+    """
+
+    x: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    one_d: bool
+
+    def lift(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unsqueeze(-2) if self.one_d else tensor
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return y.squeeze(-2) if self.one_d else y
+
+    @property
+    def args(self) -> tuple:
+        return self.stride, self.padding, self.dilation, self.groups
+
+
+def conv2d_call(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> Conv2dCall:
+    """The padded input and geometry of `layer` on `x`, lifted to 2-d for a Conv1d."""
+    x, padding = padded_input(layer, x)
+    if isinstance(layer, nn.Conv1d):
+        return Conv2dCall(x.unsqueeze(-2), (1, *layer.stride), (0, *padding), (1, *layer.dilation),
+                          layer.groups, True)
+    return Conv2dCall(x, tuple(layer.stride), padding, tuple(layer.dilation), layer.groups, False)
 
 
 class Rule:
@@ -106,7 +145,7 @@ class Rule:
     defaults: ClassVar[dict[str, Any]] = {}
     # False where `feedback()` is not a stand-in for W (DFA's B_l projects the output error).
     feedback_replaces_weight: ClassVar[bool] = True
-    # "layer": works on any model's Linear/Conv2d layers; "block": needs the model's `blocks`
+    # "layer": works on any model's Linear/Conv1d/Conv2d layers; "block": needs the model's `blocks`
     # ModuleList (target propagation and LRA treat each block as one layer).
     granularity: ClassVar[str] = "layer"
     # What trains a parameter outside the converted layers (a norm's gain, an embedding):
@@ -242,7 +281,8 @@ class ConversionReport:
 
 def _report(model: nn.Module, rule: Rule, layers: list[nn.Module], counts: dict[str, int]) -> ConversionReport:
     layer_params = {id(p): layer for layer in layers for p in (layer.weight, layer.bias) if p is not None}
-    rule_params = {id(p) for layer in layers for p in layer._parameters.values() if p is not None} - set(layer_params)
+    # the rule's own state: KP's B, LFNN's read-outs, the heads module lfnn_heads hangs on the output layer
+    rule_params = {id(p) for layer in layers for p in layer.parameters()} - set(layer_params)
     rows = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -361,13 +401,13 @@ def _collect_layers(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Mod
     if not layers:
         raise ValueError(
             f"rule {name!r} found nothing to convert in {type(model).__name__}: it converts "
-            "nn.Linear and nn.Conv2d layers (and subclasses) and nn.MultiheadAttention's projections"
+            "nn.Linear, nn.Conv1d and nn.Conv2d layers (and subclasses) and nn.MultiheadAttention's projections"
         )
     return layers, skipped
 
 
 def apply_rule(model: nn.Module, name: str, strict: bool = False, **options) -> RuleHandle:
-    """Convert every Linear/Conv2d of `model` (and the Q/K/V and output projections of each
+    """Convert every Linear/Conv1d/Conv2d of `model` (and the Q/K/V and output projections of each
     nn.MultiheadAttention) in place to learn with rule `name`.
 
     Build the optimizer after this call: Kolen-Pollack adds trainable feedback

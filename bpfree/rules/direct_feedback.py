@@ -16,18 +16,20 @@ than hides it.
 Conv layers take one of two feedback shapes (option `conv_feedback`):
 - "dense" (default): one matrix from the C classes to every input unit (C_in*H*W), so each
   input position has its own random weights;
-- "kernel": biotorch's shape (C, C_in, kh, kw) (biotorch/layers/dfa/conv.py:51-54, Xavier-
+- "kernel": biotorch's shape (C, C_in, kh, kw) (C, C_in, k for a Conv1d) (biotorch/layers/dfa/conv.py:51-54, Xavier-
   uniform at :74): the error is copied to every output position of the conv and sent
   through its transposed convolution (conv2d_input, :110-129), so every position shares
   one kernel and border inputs, which fewer output positions see, receive less.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from bpfree import distributed
-from bpfree.rules.base import Rule, _remove_state, conv_padding, register_rule
+from bpfree.rules.base import CONV_LAYERS, Rule, _remove_state, conv_padding, register_rule
 
 CONV_FEEDBACK = ("dense", "kernel")
 
@@ -42,39 +44,40 @@ class _DirectFeedbackHub(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = [
-            project_error_through_kernel(layer, grad_output, shape) if layer.dfa_feedback.dim() == 4
-            else project_error(layer.dfa_feedback, grad_output, shape)
+            project_error_through_kernel(layer, grad_output, shape) if layer.dfa_feedback.dim() > 2
+            else project_error(layer.dfa_feedback, grad_output, shape, tokens=not isinstance(layer, CONV_LAYERS))
             for layer, shape in zip(ctx.layers, ctx.point_shapes)
         ]
         return (grad_output, None, *grads)
 
 
-def conv_output_size(layer: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
-    """The spatial size nn.Conv2d gives for an input of (height, width)."""
+def conv_output_size(layer: nn.Conv1d | nn.Conv2d, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The spatial size the conv gives for an input of spatial size `sizes`."""
     if layer.padding == "same":
-        return height, width
-    padding = (0, 0) if layer.padding == "valid" else layer.padding
+        return tuple(sizes)
+    padding = conv_padding(layer)
     return tuple(
         (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        for size, pad, dil, k, stride in zip((height, width), padding, layer.dilation, layer.kernel_size,
-                                             layer.stride))
+        for size, pad, dil, k, stride in zip(sizes, padding, layer.dilation, layer.kernel_size, layer.stride))
 
 
-def project_error_through_kernel(layer: nn.Conv2d, error: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def project_error_through_kernel(layer: nn.Conv1d | nn.Conv2d, error: torch.Tensor,
+                                 shape: torch.Size) -> torch.Tensor:
     """biotorch's conv DFA: e copied to every output position, then the conv's transposed
-    convolution with the kernel-shaped B (C, C_in, kh, kw) gives the input's gradient."""
+    convolution with the kernel-shaped B (C, C_in, *kernel) gives the input's gradient."""
     kernel = layer.dfa_feedback.to(error.dtype)
     error = error.reshape(error.shape[0], -1)
-    out_h, out_w = conv_output_size(layer, shape[-2], shape[-1])
-    spread = error[:, :, None, None].expand(error.shape[0], error.shape[1], out_h, out_w)
-    padding = conv_padding(layer)
-    return torch.nn.grad.conv2d_input(shape, kernel, spread, layer.stride, padding, layer.dilation)
+    sizes = conv_output_size(layer, tuple(shape[2:]))
+    spread = error[(..., *[None] * len(sizes))].expand(*error.shape, *sizes)
+    conv_input = torch.nn.grad.conv1d_input if len(sizes) == 1 else torch.nn.grad.conv2d_input
+    return conv_input(shape, kernel, spread, layer.stride, conv_padding(layer), layer.dilation)
 
 
-def project_error(matrix: torch.Tensor, error: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """B_l e in the shape of point l."""
+def project_error(matrix: torch.Tensor, error: torch.Tensor, shape: torch.Size, tokens: bool = True) -> torch.Tensor:
+    """B_l e in the shape of point l: per token for a Linear's (N, T, F) input, one flat
+    vector per sample for a conv's feature map (a Conv1d's (N, C, L) included)."""
     matrix = matrix.to(error.dtype)
-    if len(shape) == 3:
+    if tokens and len(shape) == 3:
         projected = error @ matrix.t()  # (N, C) -> (N, F) or (N, T, C) -> (N, T, F)
         if projected.dim() == 2:
             projected = projected.unsqueeze(1).expand(shape)
@@ -147,7 +150,7 @@ class DirectFeedbackAlignment(Rule):
         return _DirectFeedbackHub.apply(output, tuple(layers), *points)
 
     def _ensure_matrix(self, layer, point, out_dim, output):
-        kernel = self.options["conv_feedback"] == "kernel" and isinstance(layer, nn.Conv2d)
+        kernel = self.options["conv_feedback"] == "kernel" and isinstance(layer, CONV_LAYERS)
         if kernel:
             if layer.groups != 1 or layer.padding_mode != "zeros":
                 raise ValueError(f"rule 'dfa': conv_feedback 'kernel' needs a plain convolution (groups 1, "
@@ -155,7 +158,8 @@ class DirectFeedbackAlignment(Rule):
                                  f"{layer.padding_mode!r}; use conv_feedback 'dense'")
             shape = (out_dim, layer.in_channels, *layer.kernel_size)
         else:
-            shape = (point.shape[-1] if point.dim() == 3 else point[0].numel(), out_dim)
+            tokens = point.dim() == 3 and not isinstance(layer, CONV_LAYERS)
+            shape = (point.shape[-1] if tokens else point[0].numel(), out_dim)
         existing = layer._buffers.get("dfa_feedback")
         if existing is not None and existing.shape == shape:
             return
@@ -167,7 +171,7 @@ class DirectFeedbackAlignment(Rule):
         # Xavier-uniform over B's own shape: for a kernel, fan_in C_in*kh*kw and fan_out C*kh*kw
         # (torch's fans of a (C, C_in, kh, kw) tensor), as biotorch draws it.
         if kernel:
-            receptive = layer.kernel_size[0] * layer.kernel_size[1]
+            receptive = math.prod(layer.kernel_size)
             fan_sum = (layer.in_channels + out_dim) * receptive
         else:
             fan_sum = shape[0] + shape[1]

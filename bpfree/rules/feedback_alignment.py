@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.init import _calculate_fan_in_and_fan_out
 
-from bpfree.rules.base import Rule, _remove_state, padded_input, register_rule
+from bpfree.rules.base import CONV_LAYERS, Rule, _remove_state, conv2d_call, register_rule
 from bpfree.rules.functional import FeedbackConv2dFunction, FeedbackLinearFunction
 
 # normal_fan_sum: N(0, 1/(fan_in + fan_out)), Akrout et al.'s B (fcnn/FCNN_FA.py:30).
@@ -72,12 +72,10 @@ class FeedbackRule(Rule):
         if layer.training:
             self.prepare_batch(layer)
         feedback = self.feedback(layer)
-        if isinstance(layer, nn.Conv2d):
-            x, padding = padded_input(layer, x)
-            return FeedbackConv2dFunction.apply(
-                x, layer.weight, layer.bias, feedback, self.decay,
-                layer.stride, padding, layer.dilation, layer.groups,
-            )
+        if isinstance(layer, CONV_LAYERS):
+            c = conv2d_call(layer, x)
+            return c.output(FeedbackConv2dFunction.apply(
+                c.x, c.lift(layer.weight), layer.bias, c.lift(feedback), self.decay, *c.args))
         return FeedbackLinearFunction.apply(x, layer.weight, layer.bias, feedback, self.decay)
 
 

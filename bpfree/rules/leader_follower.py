@@ -1,7 +1,7 @@
 """Leader-Follower networks (Yin et al., arXiv 2310.07885): workers, leaders, local alignment.
 
 Every converted layer except the output head is split into `workers` equal groups of
-output units (neurons of a Linear, filters of a Conv2d). A worker's output is
+output units (neurons of a Linear, filters of a Conv1d/Conv2d). A worker's output is
 `activation(layer output)` restricted to its units; its own small read-out (a linear map
 from the worker's units, averaged over positions for conv and over tokens for a Linear on
 (batch, tokens, features) input, to the classes) gives the
@@ -115,7 +115,7 @@ class LeaderFollower(Rule):
     def check_layers(self, layers) -> None:
         head = layers[-1]
         if len(layers) < 2:
-            raise ValueError(f"rule {self.name!r} needs at least one hidden Linear/Conv2d layer "
+            raise ValueError(f"rule {self.name!r} needs at least one hidden Linear/Conv layer "
                              "before the output head to split into workers")
         if not isinstance(head, nn.Linear):
             raise ValueError(f"rule {self.name!r}: the last converted layer must be the Linear output "

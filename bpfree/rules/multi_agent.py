@@ -49,7 +49,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from bpfree.rules.base import Rule, padded_input, register_rule
+from bpfree.rules.base import CONV_LAYERS, Rule, conv2d_call, register_rule
 
 _ALPHA = "_bpfree_backman_alpha"
 
@@ -205,7 +205,7 @@ class BackMAN(Rule):
         alpha = self.options["alpha"]
         if isinstance(alpha, (list, tuple)) and len(alpha) != len(layers):
             raise ValueError(f"rule 'backman': alpha lists {len(alpha)} values but the model has "
-                             f"{len(layers)} Linear/Conv2d layers; give one per layer or a single number")
+                             f"{len(layers)} Linear/Conv layers; give one per layer or a single number")
 
     def convert_layer(self, layer: nn.Module, index: int) -> None:
         alpha = self.options["alpha"]
@@ -222,8 +222,8 @@ class BackMAN(Rule):
             return layer._bpfree_original_class.forward(layer, x)
         args = (getattr(layer, _ALPHA), float(self.options["eps"]), bool(self.options["unit_c"]))
         frobenius = self.options["alpha_mode"] == "frobenius"
-        if isinstance(layer, nn.Conv2d):
-            x, padding = padded_input(layer, x)
-            return BackmanConv2dFunction.apply(x, layer.weight, layer.bias, *args, layer.stride,
-                                               padding, layer.dilation, layer.groups, frobenius)
+        if isinstance(layer, CONV_LAYERS):
+            c = conv2d_call(layer, x)
+            return c.output(BackmanConv2dFunction.apply(c.x, c.lift(layer.weight), layer.bias, *args, *c.args,
+                                                        frobenius))
         return BackmanLinearFunction.apply(x, layer.weight, layer.bias, *args, frobenius)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from bpfree.rules.base import Rule, padded_input, register_rule
+from bpfree.rules.base import CONV_LAYERS, Rule, conv2d_call, register_rule
 
 ACTIVATION_CLASSES = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU, nn.SiLU,
                       nn.Softplus, nn.Hardtanh, nn.ReLU6)
@@ -409,10 +409,9 @@ class LayerwiseFeedbackPropagation(Rule):
         cfg = self.config()
         if id(layer) in getattr(self, "_feeds_membrane", ()):
             cfg = ("snn",) + cfg[1:]
-        if isinstance(layer, nn.Conv2d):
-            x, padding = padded_input(layer, x)
-            return LFPConv2dFunction.apply(x, layer.weight, layer.bias, cfg, layer.stride,
-                                           padding, layer.dilation, layer.groups)
+        if isinstance(layer, CONV_LAYERS):
+            c = conv2d_call(layer, x)
+            return c.output(LFPConv2dFunction.apply(c.x, c.lift(layer.weight), layer.bias, cfg, *c.args))
         return LFPLinearFunction.apply(x, layer.weight, layer.bias, cfg)
 
     def _membrane_pairs(self, model: nn.Module, layers) -> set[int]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpfree import distributed
-from bpfree.rules.base import register_rule
+from bpfree.rules.base import CONV_LAYERS, register_rule
 from bpfree.rules.feedback_alignment import FEEDBACK_INITS, StoredFeedbackRule, draw_like_weight
 from bpfree.rules.functional import conv_weight_gradient
 
@@ -176,15 +176,17 @@ class WeightMirror(StoredFeedbackRule):
         std = opts["noise_std"]
         n = opts["mirror_batch"]
         gen = self.generator(weight.device)
-        if isinstance(layer, nn.Conv2d):
-            kh, kw = layer.kernel_size
-            dh, dw = layer.dilation
+        if isinstance(layer, CONV_LAYERS):  # a Conv1d as a Conv2d of height 1
+            one_d = isinstance(layer, nn.Conv1d)
+            kernel = weight.unsqueeze(-2) if one_d else weight
+            dilation = (1, *layer.dilation) if one_d else tuple(layer.dilation)
+            (kh, kw), (dh, dw) = kernel.shape[-2:], dilation
             shape = (n, layer.in_channels, dh * (kh - 1) + kh, dw * (kw - 1) + kw)
             x = torch.randn(shape, generator=gen, device=weight.device, dtype=weight.dtype) * std
-            y = F.conv2d(x, weight, None, 1, 0, layer.dilation, layer.groups)
+            y = F.conv2d(x, kernel, None, 1, 0, dilation, layer.groups)
             positions = y.shape[-1] * y.shape[-2]
-            outer = conv_weight_gradient(x, y, weight.shape, layer.dilation, layer.groups)
-            estimate = outer / (n * positions * std**2)
+            outer = conv_weight_gradient(x, y, kernel.shape, dilation, layer.groups)
+            estimate = (outer / (n * positions * std**2)).view_as(weight)
         else:
             x = torch.randn((n, weight.shape[1]), generator=gen, device=weight.device, dtype=weight.dtype) * std
             y = x @ weight.t()
