@@ -924,9 +924,60 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     })
 
 
-# Sources whose change can change a run's numbers (the train stage's code deps in dvc.yaml).
-CODE_SOURCES = ("__init__.py", "config.py", "training.py", "continual.py", "transfer.py", "metrics.py",
-                "models.py", "pruning.py", "losses.py", "rules", "data")
+# The modules a run starts from; everything they import from bpfree is found by reading them.
+TRAINING_ENTRY_MODULES = ("bpfree.training", "bpfree.continual", "bpfree.transfer")
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    """bpfree.a.b -> root/a/b.py or root/a/b/__init__.py (None outside the package)."""
+    parts = module.split(".")
+    if parts[0] != root.name:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every bpfree module a file imports, at top level or inside a function (a lazy import
+    runs during training too)."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from bpfree import config`
+    return {m for m in found if m == package or m.startswith(package + ".")}
+
+
+def code_files() -> list[Path]:
+    """The package files a training run executes, derived from the code rather than listed:
+    the entry modules, every bpfree module they import (transitively, each package's
+    __init__ included), and the data files (.json) of the subpackages reached. A change to any
+    of them changes `code_hash`, so the train stage cannot reuse a run the change affects."""
+    root = Path(__file__).resolve().parent
+    pending = list(TRAINING_ENTRY_MODULES)
+    seen: set[str] = set()
+    files: set[Path] = set()
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parents = module.split(".")
+        pending += [".".join(parents[:i]) for i in range(1, len(parents))]  # importing a.b runs a
+        path = _module_file(root, module)
+        if path is None:
+            continue
+        files.add(path)
+        if path.name == "__init__.py" and path.parent != root:  # a subpackage's data (checksums)
+            files |= set(path.parent.glob("*.json"))
+        pending += sorted(_imported_modules(path, root.name))
+    return sorted(files)
 
 
 def code_hash() -> str:
@@ -935,12 +986,8 @@ def code_hash() -> str:
     import hashlib
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in CODE_SOURCES:
-        path = root / name
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file() and f.suffix in (".py", ".json"):
-                digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in code_files():
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

@@ -61,3 +61,34 @@ def test_trained_record_keeps_the_runs_of_processes_training_side_by_side(tmp_pa
     third.keep_only({"bp_seed0"})  # a run the params no longer define is dropped
     third.write()
     assert set(Trained(path).runs) == {"bp_seed0"}
+
+
+def test_the_train_stage_depends_on_every_file_a_run_executes():
+    """The code identity is read off the import statements (bpfree.training.code_files); a
+    file it finds that the train stage does not list would change runs without dvc noticing."""
+    from bpfree.training import code_files
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
+    covered = [REPO / d for d in deps if not d.startswith(("results/", "data/"))]
+    missing = [f.relative_to(REPO).as_posix() for f in code_files()
+               if not any(f == c or c in f.parents for c in covered)]
+    assert not missing, f"dvc.yaml's train stage lacks {missing}"
+    names = {f.relative_to(REPO / "bpfree").as_posix() for f in code_files()}
+    assert {"distributed.py", "rules/relevance.py", "data/checksums.json", "training.py"} <= names
+    assert not names & {"reporting.py", "claims.py", "plots.py", "cli.py", "catalogue.json"}
+
+
+def test_code_hash_follows_a_lazily_imported_module(tmp_path, monkeypatch):
+    """Editing a module reached only through an import inside a function changes the hash."""
+    import shutil
+    import bpfree.training as training
+    copy = tmp_path / "bpfree"
+    shutil.copytree(REPO / "bpfree", copy)
+    monkeypatch.setattr(training, "__file__", str(copy / "training.py"))
+    before = training.code_hash()
+    assert "from bpfree.progress import epoch_bar" in (copy / "training.py").read_text()  # a lazy import
+    (copy / "progress.py").write_text((copy / "progress.py").read_text() + "\n# edited\n")
+    assert training.code_hash() != before
+    (copy / "reporting.py").write_text("# not executed by a run\n")
+    edited = training.code_hash()
+    (copy / "claims.py").write_text("# not executed by a run either\n")
+    assert training.code_hash() == edited
