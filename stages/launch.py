@@ -1,11 +1,18 @@
-"""Run a profile's lr searches and runs as parallel processes on one machine.
+"""Run a profile's lr searches and runs in parallel: as processes on this machine, or as jobs
+of a cluster through submitit (Slurm, or its local mode).
 
 Why: a LeNet step leaves a GPU idle most of the time, so one process at a time wastes it;
-sharding (experiment, rule, seed) runs over N processes fills it. Every shard is an ordinary
-`python -m stages.tune` / `python -m stages.train` call, so results, skipping and
-provenance are exactly those of `dvc repro`; afterwards `dvc repro` only re-evaluates.
+sharding (experiment, rule, seed) runs over N processes fills it, and a cluster spreads the
+shards over machines. Every shard is an ordinary `python -m stages.tune` /
+`python -m stages.train` call in this checkout, so results, skipping and provenance are
+exactly those of `dvc repro`; afterwards `dvc repro` only re-evaluates.
 
     python -m stages.launch A1_cifar10_lenet A1_mnist_lenet --profile gpu --jobs 12 [--tune]
+    python -m stages.launch C1_split_mnist --profile gpu --engine submitit --cluster slurm \
+        --slurm-partition gpu --gpus-per-node 1 --timeout-min 120 --jobs 50
+
+On Slurm the checkout (and its venv) must sit on a filesystem the nodes share; submitit's own
+logs land in <log-dir>/submitit.
 """
 from __future__ import annotations
 
@@ -46,6 +53,39 @@ def _run_pool(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> l
     return failed
 
 
+def _run_submitit(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path, cluster: str,
+                  resources: dict) -> list[str]:
+    """Run tasks as submitit jobs (a Slurm job array, or local processes) with at most `jobs`
+    at once; return the names of those that failed. Each job runs the stage command in this
+    working directory, as _run_pool does."""
+    import submitit
+    code_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)}
+    executor = submitit.AutoExecutor(folder=log_dir / "submitit", cluster=cluster)
+    executor.update_parameters(name="bpfree", **{k: v for k, v in resources.items() if v is not None},
+                               **({"slurm_array_parallelism": jobs} if cluster == "slurm" else {}))
+    # Slurm throttles the array itself; the local executor starts every job it is given, so
+    # it gets them in waves of `jobs`.
+    wave = len(tasks) if cluster == "slurm" else jobs
+    failed = []
+    for start in range(0, len(tasks), max(wave, 1)):
+        with executor.batch():
+            submitted = [(name, executor.submit(submitit.helpers.CommandFunction(
+                [sys.executable, "-m", *argv], verbose=False, cwd=os.getcwd(), env=env)))
+                for name, argv in tasks[start:start + wave]]
+        for name, job in submitted:
+            try:
+                output = job.result()
+                error = None
+            except Exception as exc:  # a non-zero exit or a job the cluster killed
+                output, error = "", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            (log_dir / f"{name}.log").write_text(output if error is None else f"{error}\n{job.stderr() or ''}")
+            log(f"  {name}: job {job.job_id} {'ok' if error is None else 'failed: ' + error}")
+            if error is not None:
+                failed.append(name)
+    return failed
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.launch")
     parser.add_argument("experiments", nargs="+")
@@ -56,7 +96,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     parser.add_argument("--keep-finished", action="store_true",
                         help="passed to stages.train: keep finished runs made by older code")
+    parser.add_argument("--engine", choices=["processes", "submitit"], default="processes",
+                        help="processes on this machine, or jobs through submitit (--cluster)")
+    parser.add_argument("--cluster", choices=["local", "slurm"], default="local",
+                        help="submitit's backend: Slurm, or local processes (a dry run of the same path)")
+    parser.add_argument("--timeout-min", type=int, default=240, help="submitit: wall-clock limit per job")
+    parser.add_argument("--slurm-partition", default=None)
+    parser.add_argument("--gpus-per-node", type=int, default=None)
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--mem-gb", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"stages.launch: --jobs must be >= 1, got {args.jobs}")
+    if args.engine == "processes" and (args.cluster != "local" or args.slurm_partition):
+        raise SystemExit("stages.launch: --cluster and --slurm-partition need --engine submitit")
+    if args.engine == "submitit":
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise SystemExit("stages.launch: --engine submitit needs the submitit package "
+                             "(pip install submitit, or the `cluster` extra)") from None
+        resources = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node,
+                     "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
+                     **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})}
+
+        def run(tasks, jobs, log_dir):
+            log_dir.mkdir(parents=True, exist_ok=True)
+            return _run_submitit(tasks, jobs, log_dir, args.cluster, resources)
+    else:
+        run = _run_pool
 
     from bpfree.config import TUNED, ConfigError, load_params, resolve_experiment
 
@@ -71,7 +139,7 @@ def main(argv: list[str]) -> int:
             if (spec or {}).get("lr") == TUNED
         ]
         log(f"lr search: {len(tune_tasks)} tasks on {args.jobs} processes")
-        failed = _run_pool(tune_tasks, args.jobs, args.log_dir)
+        failed = run(tune_tasks, args.jobs, args.log_dir)
         if failed:
             log(f"lr search failed for {failed}; see {args.log_dir}")
             return 1
@@ -84,7 +152,7 @@ def main(argv: list[str]) -> int:
         for e, exp in exps.items() for rule in exp["rules"] for seed in exp["seeds"]
     ]
     log(f"training: {len(train_tasks)} runs on {args.jobs} processes")
-    failed = _run_pool(train_tasks, args.jobs, args.log_dir)
+    failed = run(train_tasks, args.jobs, args.log_dir)
     if failed:
         log(f"failed: {failed}; see {args.log_dir}")
     return 1 if failed else 0

@@ -90,3 +90,29 @@ def test_train_stage_shards_by_rule_and_seed(workdir):
     assert [p.parent.name for p in runs.glob("*/metrics.json")] == ["fa_seed2"]
     with pytest.raises(ConfigError, match="no run of A2_mnist_mlp matches"):
         train.main(["A2_mnist_mlp", "--seeds", "99"])
+
+
+def test_launcher_runs_the_same_shards_as_submitit_jobs_in_its_local_mode(workdir):
+    """The cluster path (submitit; on Slurm a job array) tested with submitit's local
+    executor: the same runs land, with the same provenance, and a failing job is named."""
+    pytest.importorskip("submitit", reason="submitit is in requirements.lock; this skips only outside the lock")
+    import stages.launch as launch
+    logs = workdir / "logs"
+    assert launch.main(["A2_mnist_mlp", "--profile", "smoke", "--jobs", "2", "--tune", "--engine", "submitit",
+                        "--cluster", "local", "--timeout-min", "10", "--log-dir", str(logs)]) == 0
+    runs = workdir / "results" / "smoke" / "runs" / "A2_mnist_mlp"
+    assert sorted(p.parent.name for p in runs.glob("*/metrics.json")) == [
+        "bp_seed1", "bp_seed2", "fa_seed1", "fa_seed2"]
+    bp = json.loads((runs / "bp_seed1" / "metrics.json").read_text())
+    assert bp["config"]["optimizer"]["lr"] == 0.5 and bp["status"] == "OK" and bp["config_hash"]
+    assert (logs / "train_A2_mnist_mlp_fa_2.log").is_file() and any((logs / "submitit").iterdir())
+    failed = launch._run_submitit([("broken", ["stages.no_such_stage"])], 1, logs, "local", {"timeout_min": 5})
+    assert failed == ["broken"] and "FailedJobError" in (logs / "broken.log").read_text()
+
+
+def test_launcher_rejects_cluster_flags_without_submitit(workdir):
+    import stages.launch as launch
+    with pytest.raises(SystemExit, match="need --engine submitit"):
+        launch.main(["A2_mnist_mlp", "--profile", "smoke", "--cluster", "slurm"])
+    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+        launch.main(["A2_mnist_mlp", "--profile", "smoke", "--jobs", "0"])
