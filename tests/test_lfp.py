@@ -325,3 +325,31 @@ def test_split_variants_skip_the_zero_products_behind_a_relu_bit_for_bit(conv):
         for a, beta in ((2.0, 1.0), (0.5, -0.5)):
             fast, general = R.split_messages_nonnegative(*args, a, beta), R.split_messages(*args, a, beta)
             assert all(torch.equal(f, g) for f, g in zip(fast, general))
+
+
+@pytest.mark.parametrize("rule", ["lfp_eps", "lfp_ab"])
+def test_lfp_skips_the_reward_to_the_data_and_changes_nothing_else(rule, monkeypatch):
+    """The first layer's input takes no reward (as autograd skips BP's input gradient), so its
+    transposed product is not computed; every parameter's feedback is the same either way."""
+    import bpfree.rules.relevance as R
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+    apply_rule(model, rule)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    sends = []
+    original = R._LinearOps.send
+    monkeypatch.setattr(R._LinearOps, "send", lambda self, s, w: sends.append(w.shape) or original(self, s, w))
+
+    def feedback(inp):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(inp), y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    skipped = feedback(x)
+    assert all(shape == (3, 5) for shape in sends) and sends  # only the second layer sends
+    sends.clear()
+    x_in = x.clone().requires_grad_(True)
+    full = feedback(x_in)
+    assert any(shape == (5, 6) for shape in sends) and x_in.grad is not None
+    for a, b in zip(skipped, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -287,21 +287,23 @@ class _ConvOps:
         return s.sum((0, 2, 3))
 
 
-def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b):
-    """(reward to the input, weight share, s+, s-) of the split variants, for any sign of x."""
+def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
+    """(reward to the input, weight share, s+, s-) of the split variants, for any sign of x;
+    the reward to the input is None when nothing consumes it (need_input False)."""
     x_pos, x_neg = _pos(x), _neg(x)
     z_pos = ops.forward(x_pos, w_pos) + ops.forward(x_neg, w_neg) + b_pos
     z_neg = ops.forward(x_pos, w_neg) + ops.forward(x_neg, w_pos) + b_neg
     s_pos = reward / (z_pos + STABILISER)
     s_neg = reward / (z_neg - STABILISER)
-    r_in = a * (x_pos * ops.send(s_pos, w_pos) + x_neg * ops.send(s_pos, w_neg)) \
+    r_in = None if not need_input else \
+        a * (x_pos * ops.send(s_pos, w_pos) + x_neg * ops.send(s_pos, w_neg)) \
         - b * (x_neg * ops.send(s_neg, w_pos) + x_pos * ops.send(s_neg, w_neg))
     share = a * (w_pos * ops.collect(s_pos, x_pos) + w_neg * ops.collect(s_pos, x_neg)) \
         - b * (w_pos * ops.collect(s_neg, x_neg) + w_neg * ops.collect(s_neg, x_pos))
     return r_in, share, s_pos, s_neg
 
 
-def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b):
+def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
     """split_messages for x >= 0 (behind a ReLU: every layer but the first). x- is exactly 0,
     so the six products with it are exact zeros: skipping them halves the work and gives the
     same values bit for bit (tests/test_lfp.py)."""
@@ -309,17 +311,19 @@ def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b)
     z_neg = ops.forward(x, w_neg) + b_neg
     s_pos = reward / (z_pos + STABILISER)
     s_neg = reward / (z_neg - STABILISER)
-    r_in = a * (x * ops.send(s_pos, w_pos)) - b * (x * ops.send(s_neg, w_neg))
+    r_in = None if not need_input else a * (x * ops.send(s_pos, w_pos)) - b * (x * ops.send(s_neg, w_neg))
     share = a * (w_pos * ops.collect(s_pos, x)) - b * (w_neg * ops.collect(s_neg, x))
     return r_in, share, s_pos, s_neg
 
 
-def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
-    """(reward to the input, weight feedback F, bias feedback F_b) of one layer."""
+def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta, need_input=True):
+    """(reward to the input, weight feedback F, bias feedback F_b) of one layer. The reward to
+    the input costs a transposed product per layer; the first layer's input (the data) takes
+    none, so it is skipped there (need_input False), as autograd skips BP's."""
     if variant in ("eps", "snn"):  # "snn": the LIF behind the layer already normalised it
         s = reward if variant == "snn" else _divide(reward, z, eps)
-        r_in = x * ops.send(s, weight)
-        f_w = weight.abs() * ops.collect(s, x)
+        r_in = x * ops.send(s, weight) if need_input else None
+        f_w = ops.collect(s, x).mul_(weight.abs())  # a fresh product: scaled in place
         f_b = None if bias is None else bias.abs() * ops.bias_sum(s)
         return r_in, f_w, f_b
     w_pos, w_neg = _pos(weight), _neg(weight)
@@ -328,12 +332,16 @@ def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta):
     a, b = (alpha, beta) if variant == "alpha_beta" else (0.5, -0.5)
     # message R_ij = a (w x)+_ij s+_j - b (w x)-_ij s-_j, with (w x)+ = w+ x+ + w- x-, (w x)- = w+ x- + w- x+
     split = split_messages_nonnegative if not bool(x.lt(0).any()) else split_messages
-    r_in, share, s_pos, s_neg = split(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b)
+    r_in, share, s_pos, s_neg = split(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input)
     f_w = torch.sign(weight) * share
     f_b = None
     if bias is not None:
         f_b = torch.sign(bias) * (a * _pos(bias) * ops.bias_sum(s_pos) - b * _neg(bias) * ops.bias_sum(s_neg))
     return r_in, f_w, f_b
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _saved_in_weight_dtype(ctx, reward):
@@ -355,8 +363,9 @@ class LFPLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, reward):
         x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
-        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg)
-        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None
+        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg,
+                                      need_input=ctx.needs_input_grad[0])
+        return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None
 
 
 class LFPConv2dFunction(torch.autograd.Function):
@@ -371,8 +380,8 @@ class LFPConv2dFunction(torch.autograd.Function):
     def backward(ctx, reward):
         x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
         ops = _ConvOps(x, ctx.conv, weight)
-        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg)
-        return r_in.to(in_dtype), -f_w, None if f_b is None else -f_b, None, None, None, None, None
+        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg, need_input=ctx.needs_input_grad[0])
+        return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the rules
