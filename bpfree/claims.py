@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bpfree.layout import natural_key  # noqa: F401  (re-exported: reporting and tests use it from here)
+
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 PROVENANCE_KINDS = ("table", "repo-output", "figure", "qualitative")
 KINDS = ("absolute", "relative", "comparison")
@@ -128,12 +130,6 @@ class ClaimResult:
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ClaimsError(f"{where}: {msg}")
-
-
-def natural_key(text) -> list:
-    """Seeds and sweep points as numbers: 2 before 10, width 15 before 100 (JSON keys are strings)."""
-    import re
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text)) if t]
 
 
 def seed_list(seeds) -> str:

@@ -194,6 +194,7 @@ def cmd_verify(args) -> int:
               "repository root", file=sys.stderr)
         return 2
     from bpfree.config import DEFAULT_PROFILE, ConfigError, load_params, resolve_experiment
+    from bpfree.layout import Layout
     from bpfree.verify import compare_runs
     params = load_params()
     profile = args.profile or DEFAULT_PROFILE
@@ -203,7 +204,7 @@ def cmd_verify(args) -> int:
     for exp_id in experiments:
         if exp_id not in params["experiments"]:
             raise ConfigError("--experiment", exp_id, "unknown experiment", list(params["experiments"]))
-    committed_root = Path(args.results) / profile / "runs"
+    committed_root = Layout(results=Path(args.results)).runs(profile)
     todo = [e for e in experiments if not resolve_experiment(params, e, profile).get("skip")]
     if not any((committed_root / e).glob("*/metrics.json") for e in todo):
         print(f"error: no committed metrics under {committed_root} for {', '.join(experiments)}: "
@@ -229,7 +230,7 @@ def cmd_verify(args) -> int:
         for run_id, path in committed.items():
             if args.rules and not any(run_id.startswith(f"{r}_") for r in args.rules):
                 continue
-            new = scratch / "results" / profile / "runs" / exp_id / run_id / "metrics.json"
+            new = Layout.under(scratch).metrics(profile, exp_id, run_id)
             if not new.is_file():
                 print(f"{exp_id}/{run_id}: differs: the current params no longer define this run")
                 differ += 1

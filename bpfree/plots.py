@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bpfree.layout import Layout  # noqa: E402
+
 # One colour per rule, the same in every figure and never shared by two rules (tab20 and
 # a few tab10 extras; BP black as the reference).
 RULE_COLOURS = {"bp": "black", "fa": "#d62728", "adafa": "#ff7f0e", "usf": "#1f77b4", "brsf": "#17becf",
@@ -195,7 +197,7 @@ def mean_curves(runs_dir: Path, column: str, at=None, summary: dict | None = Non
 
 def plot_curves(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """Grid: one row per column (quantity), one panel per sweep point; a line per rule."""
-    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    runs_dir = Layout(results=Path(results_dir)).runs(spec["profile"], spec["experiment"])
     points = spec.get("at") or [None]
     columns = spec["columns"]
     data = {(c, a): mean_curves(runs_dir, c, a, summary, spec["experiment"]) for c in columns for a in points}
@@ -222,7 +224,7 @@ def plot_curves(results_dir: Path, spec: dict, path: Path, summary: dict | None 
 
 def plot_task_matrix(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """Mean test accuracy on task t (column) after learning task i (row), one panel per rule."""
-    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    runs_dir = Layout(results=Path(results_dir)).runs(spec["profile"], spec["experiment"])
     per_rule: dict[str, list] = {}
     for m in current_runs(runs_dir, summary, spec["experiment"]):
         if m.get("task_accuracy"):
@@ -290,7 +292,7 @@ HISTORY_METRICS = {"test_acc": "test_acc_pct", "train_acc": "train_acc_pct"}
 def plot_history(results_dir: Path, spec: dict, path: Path, summary: dict | None = None) -> Path | None:
     """A per-epoch history column (e.g. test_acc) against epoch: one panel per sweep point,
     one line per rule, mean over seeds."""
-    runs_dir = Path(results_dir) / spec["profile"] / "runs" / spec["experiment"]
+    runs_dir = Layout(results=Path(results_dir)).runs(spec["profile"], spec["experiment"])
     column = spec.get("column", "test_acc")
     points = spec.get("at") or [None]
     data: dict = {}
@@ -329,7 +331,7 @@ def learning_curve_files(results_dir: Path, summary: dict, profile: str, experim
     """sweep value (None without a sweep) -> rule -> the evaluate stage's learning-curve CSV."""
     from bpfree.config import sweep_label
 
-    base = Path(results_dir) / profile / "learning_curves" / experiment
+    base = Layout(results=Path(results_dir)).learning_curves(profile, experiment)
     files: dict = {}
     for key, entry in ((summary.get("experiments") or {}).get(experiment) or {}).get("rules", {}).items():
         if "sweep_value" in entry:

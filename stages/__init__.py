@@ -9,36 +9,23 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-RESULTS = Path("results")
-CHECKPOINTS = Path("checkpoints")
-PREPARED = Path("data/prepared")
+from bpfree.layout import LAYOUT, MISSING_FILE, Layout, NOT_RUN_FILE, TRAINED_FILE  # noqa: F401  (re-exported)
+
+RESULTS = LAYOUT.results
+CHECKPOINTS = LAYOUT.checkpoints_root
+PREPARED = LAYOUT.prepared_root
 
 
 def runs_dir(profile: str, experiment: str, root: Path = RESULTS) -> Path:
-    return Path(root) / profile / "runs" / experiment
+    return Layout(results=Path(root)).runs(profile, experiment)
 
 
 def checkpoints_dir(profile: str, experiment: str, root: Path = CHECKPOINTS) -> Path:
-    return Path(root) / profile / experiment
+    return Layout(checkpoints_root=Path(root)).checkpoints(profile, experiment)
 
 
-# In a checkpoints dir: the runs this machine trained or re-trained and verified, with their
-# hashes. Git-ignored and never committed, so a fresh clone lacks it and DVC re-runs the
-# stage there; its content depends only on the results, so dvc.lock is the same everywhere.
-TRAINED_FILE = "trained.json"
-
-
-def summary_path(profile: str) -> Path:
-    return RESULTS / profile / "summary.json"
-
-
-def learning_curves_dir(profile: str) -> Path:
-    """results/<profile>/learning_curves/<experiment>/<rule>[_<sweep point>].csv (DVC plots)."""
-    return RESULTS / profile / "learning_curves"
-
-
-NOT_RUN_FILE = "NOT_RUN.json"  # in a runs dir: this profile did not (could not) run it
-MISSING_FILE = "MISSING.json"  # in a prepared-data dir: the raw files were not available
+summary_path = LAYOUT.summary
+learning_curves_dir = LAYOUT.learning_curves
 
 
 def log(msg: str) -> None:

@@ -37,6 +37,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from bpfree.layout import Layout
 from stages import CHECKPOINTS, PREPARED, RESULTS, entry, log
 
 QUEUE_FILE = Path(__file__).with_name("gpu_queue.yaml")
@@ -92,7 +93,7 @@ def pending(profile: str = "gpu", queue: list[dict] | None = None, results: Path
                 continue
             seen.add(key)
             dhash = _data_hash(run["dataset"], prepared)
-            done = Path(results) / profile / "runs" / exp_id / run["run_id"] / "metrics.json"
+            done = Layout(results=Path(results)).metrics(profile, exp_id, run["run_id"])
             if dhash and done.is_file() and json.loads(done.read_text()).get("config_hash") == config_hash(run, dhash):
                 continue
             jobs.append({"experiment": exp_id, "rule": run["rule"]["name"], "seed": run["seed"],
@@ -197,10 +198,10 @@ def run_queue(budget_s: float, out: Path, profile: str = "gpu", queue: list[dict
                 "--seeds", str(job["seed"]), "--results", str(work / "results"), "--checkpoints",
                 str(work / "checkpoints")]
         code = subprocess.run(argv).returncode
-        run_dir = work / "results" / profile / "runs" / job["experiment"] / job["run_id"]
+        run_dir = Layout.under(work).runs(profile, job["experiment"]) / job["run_id"]
         status = "trained" if code == 0 and (run_dir / "metrics.json").is_file() else f"failed (exit {code})"
         if status == "trained":
-            target = out / "results" / profile / "runs" / job["experiment"] / job["run_id"]
+            target = Layout.under(out).runs(profile, job["experiment"]) / job["run_id"]
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(run_dir, target)
         done.append({**job, "status": status, "seconds": round(time.monotonic() - t0, 1)})
@@ -214,7 +215,7 @@ def land(returned: Path, profile: str = "gpu", results: Path = RESULTS, prepared
     from bpfree.config import config_hash, load_params, run_configs
     params = load_params()
     landed, left = [], []
-    root = Path(returned) / "results" / profile / "runs"
+    root = Layout.under(returned).runs(profile)
     for metrics_path in sorted(root.glob("*/*/metrics.json")):
         exp_id, run_id = metrics_path.parent.parent.name, metrics_path.parent.name
         metrics = json.loads(metrics_path.read_text())
@@ -224,7 +225,7 @@ def land(returned: Path, profile: str = "gpu", results: Path = RESULTS, prepared
         if run is None or dhash is None or metrics.get("config_hash") != config_hash(run, dhash):
             left.append(f"{exp_id}/{run_id}")
             continue
-        target = Path(results) / profile / "runs" / exp_id / run_id
+        target = Layout(results=Path(results)).runs(profile, exp_id) / run_id
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(metrics_path.parent, target)
         landed.append(f"{exp_id}/{run_id}")

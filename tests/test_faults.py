@@ -25,7 +25,8 @@ def test_results_are_written_with_the_mode_a_plain_open_gives(tmp_path):
 def test_a_truncated_checkpoint_is_one_line_and_evaluation_goes_on(mnist, mnist_dir, tmp_path, monkeypatch):
     """evaluate re-checks every checkpoint: a truncated one is reported (and listed with the
     mismatches), not a traceback that leaves no summary."""
-    import stages.evaluate as evaluate
+    import bpfree.summary as evaluate
+    from bpfree.layout import Layout
     from bpfree.training import CheckpointError, device_splits, load_checkpoint_model, train_run
     from tests.test_training import mlp_run
     run = mlp_run(epochs=1)
@@ -36,10 +37,13 @@ def test_a_truncated_checkpoint_is_one_line_and_evaluation_goes_on(mnist, mnist_
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_model(ckpt, run, device_splits(mnist, run, "cpu"), "cpu")
     assert "\n" not in str(info.value) and "unreadable" in str(info.value)
-    monkeypatch.setattr(evaluate, "checkpoints_dir", lambda profile, exp: ckpt.parent)
-    monkeypatch.setattr(evaluate, "PREPARED", mnist_dir.parent)
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / run["dataset"]).symlink_to(mnist_dir)
+    monkeypatch.setattr(evaluate, "LAYOUT", Layout.under(tmp_path))
+    logged = []
     check = evaluate.recheck({**metrics, "profile": "smoke", "experiment": "X", "run_id": "bp_seed0",
-                              "config_hash": "h"}, run, {})
+                              "config_hash": "h"}, run, {}, log=logged.append)
+    assert len(logged) == 1 and logged[0].startswith("warning:")
     assert check["checked"] is False and check["unreadable"] and "unreadable" in check["reason"]
 
 

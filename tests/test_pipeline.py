@@ -178,7 +178,7 @@ def test_stage_reports_missing_data_without_traceback(tmp_path):
 
 def test_learning_curves_average_seeds_and_read_compact_curves(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
-    from stages.evaluate import mean_learning_curve, write_learning_curves
+    from bpfree.summary import mean_learning_curve, write_learning_curves
     full = {"history": [{"epoch": 1, "train_loss": 2.0, "test_acc": 50.0},
                         {"epoch": 2, "train_loss": 1.0, "test_acc": 70.0}]}
     compact = {"history": [{"epoch": 2}], "curves": {"epoch": [1, 2], "train_loss": [4.0, 3.0],
@@ -198,7 +198,7 @@ def test_learning_curves_average_seeds_and_read_compact_curves(tmp_path, monkeyp
 def test_dvc_plots_overlay_the_rules_of_each_experiment(tmp_path, monkeypatch):
     import yaml
     monkeypatch.syspath_prepend(str(REPO))
-    from stages.evaluate import write_curve_overlays
+    from bpfree.summary import write_curve_overlays
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
     (plot,) = stage["plots"]
     assert plot == {"results/${profile}/plots": {

@@ -88,7 +88,7 @@ def test_layer_gini_and_bad_method():
 
 
 def test_pruning_test_draw_is_seeded_and_spans_classes():
-    from stages.evaluate import pruning_test_indices
+    from bpfree.summary import pruning_test_indices
     labels = torch.arange(10).repeat_interleave(200)  # a test subset ordered by class
     pick = pruning_test_indices(len(labels), 500)
     assert torch.equal(pick, pruning_test_indices(len(labels), 500))  # same draw every time

@@ -287,7 +287,7 @@ def test_divergence_rule(losses, diverged, unstable):
 def test_a_recorded_explosion_is_diverged_at_evaluation():
     """Committed runs are judged by the rule from their recorded losses, whatever their status
     says; task-sequence runs task by task."""
-    from stages.evaluate import recorded_stability
+    from bpfree.summary import recorded_stability
     curves = {"epoch": [1, 10, 20], "train_loss": [0.3, 4e4, 0.1]}
     assert recorded_stability({"curves": curves, "history": []})["diverged_epoch"] == 10
     tasks = [{"task": 1, "epoch": 1, "train_loss": 0.5}, {"task": 2, "epoch": 1, "train_loss": 2.0},
