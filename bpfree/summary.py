@@ -8,6 +8,7 @@ is the stage around it.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import torch
@@ -254,7 +255,9 @@ def pruning_scalars(result: dict) -> dict[str, float]:
             out[f"pruned_acc_{method}/{point['fraction']:g}"] = point["value"]
     ginis = list(result["gini"].values())
     if ginis:
-        out["mean_layer_gini"] = sum(ginis) / len(ginis)
+        # fsum: the same mean whether the per-layer values come in the model's order (a fresh
+        # measurement) or the cache file's sorted order
+        out["mean_layer_gini"] = math.fsum(ginis) / len(ginis)
     return out
 
 
