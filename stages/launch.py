@@ -17,6 +17,7 @@ logs land in <log-dir>/submitit.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -26,14 +27,17 @@ from pathlib import Path
 from stages import entry, log
 
 
+def _child_env() -> dict[str, str]:
+    """Children run in this working directory (its params.yaml and results/), importing the
+    stages package from wherever this one came from."""
+    code_root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def _run_pool(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> list[str]:
     """Run tasks with at most `jobs` at once; return the names of those that failed."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    # Children run in this working directory (its params.yaml and results/), importing the
-    # stages package from wherever this one came from.
-    code_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (code_root, os.environ.get("PYTHONPATH")) if p)}
+    env = _child_env()
     pending, running, failed = list(tasks), [], []
     while pending or running:
         while pending and len(running) < jobs:
@@ -59,8 +63,8 @@ def _run_submitit(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path, 
     at once; return the names of those that failed. Each job runs the stage command in this
     working directory, as _run_pool does."""
     import submitit
-    code_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _child_env()
     executor = submitit.AutoExecutor(folder=log_dir / "submitit", cluster=cluster)
     executor.update_parameters(name="bpfree", **{k: v for k, v in resources.items() if v is not None},
                                **({"slurm_array_parallelism": jobs} if cluster == "slurm" else {}))
@@ -78,7 +82,8 @@ def _run_submitit(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path, 
                 output = job.result()
                 error = None
             except Exception as exc:  # a non-zero exit or a job the cluster killed
-                output, error = "", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                last_line = (str(exc).strip().splitlines() or [""])[-1]
+                output, error = "", f"{type(exc).__name__}: {last_line}"
             (log_dir / f"{name}.log").write_text(output if error is None else f"{error}\n{job.stderr() or ''}")
             log(f"  {name}: job {job.job_id} {'ok' if error is None else 'failed: ' + error}")
             if error is not None:
@@ -119,10 +124,7 @@ def main(argv: list[str]) -> int:
         resources = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node,
                      "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
                      **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})}
-
-        def run(tasks, jobs, log_dir):
-            log_dir.mkdir(parents=True, exist_ok=True)
-            return _run_submitit(tasks, jobs, log_dir, args.cluster, resources)
+        run = functools.partial(_run_submitit, cluster=args.cluster, resources=resources)
     else:
         run = _run_pool
 
