@@ -23,7 +23,7 @@ import torch
 from bpfree.models import build_model
 from bpfree.provenance import environment_info, git_info
 from bpfree.rules import apply_rule, list_layer_rules, list_rules
-from bpfree.training import StepTimer, optimisation_step
+from bpfree.loop import StepTimer, optimisation_step
 
 # Targets of issue 9 on GPU (ratio of the rule's median step time to BP's).
 GPU_TARGETS = {

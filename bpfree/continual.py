@@ -9,19 +9,18 @@ run seed, so each repeat sees another order and every rule the same one.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
 import torch
 
 from bpfree.data import split_mnist_tasks, task_subset, train_val_split
+from bpfree.losses import loss_function
+from bpfree.loop import LOADER_DEFAULTS, PER_BATCH_SCHEDULES, Batches, Callback, EpochStats, Trainee, fit
 from bpfree.models import build_model
-from bpfree.provenance import environment_info, git_info
+from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
-from bpfree.training import (PER_BATCH_SCHEDULES, STATUS_DIVERGED, STATUS_OK,
-                             DeviceSplits, _json_safe, augment_batch, build_optimizer, build_scheduler,
-                             data_hash, evaluate_split, exploded, normalisation, optimisation_step,
+from bpfree.training import (DeviceSplits, build_optimizer, build_scheduler, evaluate_split, normalisation,
                              parameter_groups, resize_images, seed_everything, set_determinism)
 
 VAL_FRACTION = 0.2
@@ -50,42 +49,38 @@ def task_generators(run: dict, seed: int, device) -> tuple[torch.Generator, torc
     return torch.Generator().manual_seed(seed), augment_gen
 
 
+class _LastEpochValidation(Callback):
+    """A task's history: its last epoch's validation accuracy (tasks are judged on test after)."""
+
+    def __init__(self, model, images: DeviceSplits, task: int, epochs: int):
+        self.model, self.images, self.task, self.epochs = model, images, task, epochs
+        self.history: list[dict] = []
+
+    def epoch_end(self, stats: EpochStats) -> None:
+        if stats.epoch == self.epochs:
+            val_acc, _ = evaluate_split(self.model, self.images, self.images.x_val, self.images.y_val)
+            self.history.append({"task": self.task, "epoch": stats.epoch, "lr": stats.lr,
+                                 "train_loss": stats.train_loss, "val_acc": val_acc})
+
+
 def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augment_gen, *, task: int,
                epochs: int | None = None) -> tuple[list[dict], dict | None]:
     """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
     optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])  # fresh per task
-    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
-    flip = bool(run["preprocess"].get("flip", False))
-    n, bs = len(images.y_train), int(run["batch_size"])
+    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
+    batches = Batches(images, int(run["batch_size"]), order_gen, augment_gen,
+                      int(run["preprocess"].get("crop_padding", 0) or 0), bool(run["preprocess"].get("flip", False)),
+                      loader["shuffle"], loader["drop_last"])
     epochs = int(run["epochs"] if epochs is None else epochs)
-    scheduler = build_scheduler(optimizer, run["schedule"], (n + bs - 1) // bs, epochs)
-    per_batch = run["schedule"]["name"] in PER_BATCH_SCHEDULES
-    history, first_loss = [], None
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=order_gen).to(images.y_train.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=images.y_train.device)
-        lr = optimizer.param_groups[0]["lr"]
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            xb, yb = images.x_train[idx], images.y_train[idx]
-            if augment_gen is not None:
-                xb = augment_batch(xb, crop, flip, augment_gen)
-            loss, _ = optimisation_step(model, handle, optimizer, images.prepare(xb), yb,
-                                        run["optimizer"].get("clip_grad_norm"))
-            if per_batch:
-                scheduler.step()
-            loss_sum += loss.detach().double() * len(idx)
-        train_loss = (loss_sum / n).item()
-        first_loss = train_loss if first_loss is None else first_loss
-        if exploded(train_loss, first_loss):
-            return history, {"task": task, "epoch": epoch, "train_loss": train_loss}
-        if scheduler is not None and not per_batch:
-            scheduler.step()
-        if epoch == epochs:
-            val_acc, _ = evaluate_split(model, images, images.x_val, images.y_val)
-            history.append({"task": task, "epoch": epoch, "lr": lr, "train_loss": train_loss,
-                            "val_acc": val_acc})
-    return history, None
+    scheduler = build_scheduler(optimizer, run["schedule"], batches.steps, epochs)
+    trainee = Trainee(model, handle, optimizer, scheduler, run["schedule"]["name"] in PER_BATCH_SCHEDULES,
+                      run["optimizer"].get("clip_grad_norm"), loss_function(run.get("loss")))
+    validation = _LastEpochValidation(model, images, task, epochs)
+    outcome = fit(trainee, batches, epochs, callbacks=[validation])
+    if outcome.diverged is not None:
+        d = outcome.diverged
+        return validation.history, {"task": task, "epoch": d.epoch, "train_loss": d.train_loss}
+    return validation.history, None
 
 
 def train_continual(run: dict, data, device, *, log=None) -> dict:
@@ -129,17 +124,9 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
         scalars["mean_task_acc_pct"] = final
         for t in range(len(tasks) - 1):
             scalars[f"task_drop_pct/{t + 1}"] = last[t] - matrix[t][t]
-    manifest = getattr(data, "manifest", {}) or {}
-    return _json_safe({
-        "status": status, "diverged_epoch": diverged, "history": history,
-        "tasks": [list(t) for t in tasks], "task_accuracy": matrix, "scalars": scalars,
-        "selection": "final", "selected_epoch": None, "selected_test_acc": final,
-        "final_test_acc": final, "best_test_epoch": None, "best_test_acc_test_selected": None,
-        "epochs_completed": len(history), "curves": None, "train_data_draw": None,
-        "sizes": {"tasks": [{"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
-                            for t in per_task]},
-        "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
-        "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
-        "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},
-        "environment": environment_info(device), "determinism": determinism, "git": git_info(), "config": run,
-    })
+    return RunRecord(
+        run=run, status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
+        sizes={"tasks": [{"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)} for t in per_task]},
+        wall_time_s=time.perf_counter() - wall0, determinism=determinism, converted_layers=counts,
+        protocol={"tasks": [list(t) for t in tasks], "task_accuracy": matrix, "scalars": scalars},
+    ).to_json(getattr(data, "manifest", {}) or {}, device)

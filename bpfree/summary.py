@@ -387,7 +387,7 @@ def summarise(params: dict, profile: str, log=print) -> dict:
     numbers, their statistics, checkpoint checks and mean learning curves."""
     from bpfree.config import config_hash, experiment_notes, resolve_experiment, run_configs, sweep_label
     from bpfree.data import read_manifest
-    from bpfree.training import data_hash
+    from bpfree.record import data_hash
 
     summary = {"profile": profile, "experiments": {}, "mismatches": []}
     notes = experiment_notes()

@@ -30,15 +30,15 @@ from torch import nn
 from bpfree import distributed
 from bpfree.losses import LossFn, loss_function
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
+from bpfree.loop import (LOADER_DEFAULTS, PER_BATCH_SCHEDULES, UNSTABLE_FACTOR, Batches, Callback, EpochStats,
+                         FitOutcome, StepTimer, Trainee, exploded, fit, predicted_class)
 from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model, model_options
-from bpfree.provenance import environment_info, git_info
+from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, data_hash
 from bpfree.rules import apply_rule
 
 EVAL_BATCH = 1000
 WARMUP_STEPS = 5
-STATUS_OK = "OK"
-STATUS_DIVERGED = "DIVERGED"
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -132,29 +132,6 @@ class DeviceSplits:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-
-def augment_batch(x: torch.Tensor, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip, per sample, batched on x's device.
-
-    Same as torchvision's RandomCrop(size, padding) / RandomHorizontalFlip on raw images
-    (the padding is black, before normalisation), without a Python loop over samples.
-    """
-    n, _, h, w = x.shape
-    if crop_padding:
-        p = crop_padding
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=generator.device).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-        x = padded[batch, chans, rows, cols]
-    if flip:
-        mask = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-    return x
 
 
 def _as_index(t) -> torch.Tensor:
@@ -369,17 +346,6 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg['name']!r}")
 
 
-PER_BATCH_SCHEDULES = ("onecycle",)
-# How an epoch walks the training set, as torch's DataLoader names it. Akrout et al.'s code
-# reads MNIST in file order and never sees the last partial batch (FCNN_BP.py:103-106, 125).
-LOADER_DEFAULTS = {"shuffle": True, "drop_last": False}
-
-
-def epoch_order(n: int, shuffle: bool, generator: torch.Generator) -> torch.Tensor:
-    """The indices an epoch visits: a fresh permutation, or the stored order."""
-    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-
-
 def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int = 1):
     """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction
     bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so."""
@@ -395,13 +361,6 @@ def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int 
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["step_size"],
                                                gamma=cfg.get("gamma", 0.1))
     return None
-
-
-@torch.no_grad()
-def predicted_class(out: torch.Tensor) -> torch.Tensor:
-    """The class a net's output names: the largest logit, or for a (batch, classes, steps)
-    spike train the class with the most spikes."""
-    return (out.sum(2) if out.dim() == 3 else out).argmax(1)
 
 
 def evaluate_split(model: nn.Module, images: DeviceSplits, x: torch.Tensor,
@@ -451,94 +410,8 @@ def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: tor
     return net, autocast
 
 
-def _loss_precision(out: torch.Tensor) -> torch.Tensor:
-    """Losses in float32 at least: half-precision logits (autocast) are cast up, float64 ones
-    (the parity tests' nets) kept, so a float64 step is float64 throughout."""
-    return out if out.dtype == torch.float64 else out.float()
-
-
-def optimisation_step(model, handle, optimizer, xb, yb, clip=None, before_update=None, autocast=None,
-                      loss_weight=None, loss_fn: LossFn = F.cross_entropy):
-    """One step of any rule: forward, loss, the rule's backward, its pre- and post-step work.
-
-    before_update(xb, yb) runs after the rule has produced .grad and before the optimiser
-    uses it (the full-batch diagnostics measure that exact update). `autocast` (a context
-    factory, e.g. bf16 autocast) covers the forward and the losses, not the backward or the
-    rule's post-step work, as torch's AMP recipe does. `loss_weight` scales what is
-    back-propagated (a data-parallel rank's short shard); `loss_fn` is the batch-mean
-    training loss (bpfree.losses). Returns (loss, logits).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    with autocast() if autocast is not None else contextlib.nullcontext():
-        out = model(xb)
-        loss = loss_fn(_loss_precision(out), yb)
-        total = handle.add_local_loss(loss, yb)  # rules with local objectives (LFNN, DTP) add theirs
-    (total if loss_weight is None else total * loss_weight).backward()
-    handle.before_step()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if before_update is not None:
-        before_update(xb, yb)
-    optimizer.step()
-    handle.after_step()
-    return loss, out
-
-
-class StepTimer:
-    """Per-step wall time; CUDA events on GPU so that asynchronous kernels are counted."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.samples: list[float] = []
-        self._pending: list = []
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, token, keep: bool) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            if keep:
-                self._pending.append((token, end))
-        elif keep:
-            self.samples.append((time.perf_counter() - token) * 1e3)
-
-    def flush(self) -> None:
-        if self._pending:
-            torch.cuda.synchronize()
-            self.samples += [a.elapsed_time(b) for a, b in self._pending]
-            self._pending = []
-
-    def mean_ms(self) -> float | None:
-        self.flush()
-        return sum(self.samples) / len(self.samples) if self.samples else None
-
-
 def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
-
-
-# A run has DIVERGED from the first epoch whose mean training loss is non-finite, exceeds
-# DIVERGENCE_FACTOR times its first epoch's, or exceeds LOSS_BOUND nats (every training loss
-# here is a cross-entropy: ln 10 = 2.3 at a uniform guess, so 100 nats means the true class
-# gets e^-100 on average): selection never reaches past it and the run feeds no table,
-# whatever epoch a best-validation pick would land on. A run whose loss rose past
-# UNSTABLE_FACTOR times the first epoch's and stayed under both bounds is unstable: counted,
-# and flagged. (The A1 DFA and C2 BackMAN runs that motivated the rule reached 5.7e2 to 1e17.)
-DIVERGENCE_FACTOR = 100.0
-LOSS_BOUND = 100.0
-UNSTABLE_FACTOR = 10.0
-
-
-def exploded(loss: float, first: float | None) -> bool:
-    """Whether one epoch's training loss breaks the divergence rule above."""
-    return (not math.isfinite(loss) or loss > LOSS_BOUND
-            or (first is not None and 0 < first * DIVERGENCE_FACTOR < loss))
 
 
 def loss_instability(epochs: list[int], losses: list[float | None]) -> dict:
@@ -697,11 +570,28 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     return metrics
 
 
-def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
-    from bpfree.progress import epoch_bar
-    from bpfree.provenance import atomic_torch_save
+@dataclass
+class SingleTask:
+    """One single-task run, built: what its callbacks and its record share."""
 
-    wall0 = time.perf_counter()
+    run: dict
+    device: torch.device
+    ranks: distributed.Ranks | None
+    determinism: dict
+    images: DeviceSplits
+    model: nn.Module
+    trainee: Trainee
+    batches: Batches
+    generators: dict
+
+    @property
+    def epochs(self) -> int:
+        return int(self.run["epochs"])
+
+
+def build_single_task(run: dict, data, device) -> SingleTask:
+    """Seed, model, rule, optimiser, schedule and batch walk of a run, in the order that fixes
+    its random draws (the model and the rule both draw, so they come after seeding)."""
     device = torch.device(device) if not isinstance(device, torch.device) else device
     ranks = distributed.from_environment()  # torchrun: this process is one data-parallel rank
     if ranks is not None and device.type == "cuda":
@@ -710,181 +600,208 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     seed = int(run["seed"])
     images = device_splits(data, run, device)
     check_batch_size(run, len(images.y_train))
-
-    seed_everything(seed)  # before the model and the rule: both draw random numbers
+    seed_everything(seed)
     model = build_model(run["model"]["name"], num_classes=images.num_classes,
                         **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
-    # after apply_rule: KP adds B
-    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])
+    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])  # after KP adds B
     loss_fn = loss_function(run.get("loss"))
     net, autocast = speed_setup(model, images, run.get("speed") or {}, device, ranks)
-    n = len(images.y_train)
     bs = int(run["batch_size"])
     if ranks is not None and bs % ranks.world:
         raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
-    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
-    steps = n // bs if loader["drop_last"] and n >= bs else (n + bs - 1) // bs
-    n_used = min(n, steps * bs)  # images an epoch trains on
-    scheduler = build_scheduler(optimizer, run["schedule"], steps, int(run["epochs"]))
-    per_batch_schedule = run["schedule"]["name"] in PER_BATCH_SCHEDULES
-    clip = run["optimizer"].get("clip_grad_norm")
     order_gen = torch.Generator().manual_seed(seed)
-
-    # Full-batch training (the implicit-regularisation protocols): no shuffling, the
-    # normalised training set is built once, and the alignment diagnostics reuse the step.
     crop_padding = int(run["preprocess"].get("crop_padding", 0) or 0)
     flip = bool(run["preprocess"].get("flip", False))
-    augment_gen = None
-    if crop_padding or flip:
-        augment_gen = torch.Generator(device=device).manual_seed(seed + 1)  # own stream
-    full_batch = bs >= n and augment_gen is None  # one batch, the whole set: order is moot
-    full_index = distributed.shard(torch.arange(n, device=images.y_train.device), ranks)
-    x_full = images.prepare(images.x_train[full_index]) if full_batch else None
-    y_full = images.y_train[full_index] if full_batch else None
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop_padding or flip else None
+    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
+    batches = Batches(images, bs, order_gen, augment_gen, crop_padding, flip, loader["shuffle"],
+                      loader["drop_last"], ranks)
+    scheduler = build_scheduler(optimizer, run["schedule"], batches.steps, int(run["epochs"]))
+    trainee = Trainee(net, handle, optimizer, scheduler, run["schedule"]["name"] in PER_BATCH_SCHEDULES,
+                      run["optimizer"].get("clip_grad_norm"), loss_fn, autocast)
+    return SingleTask(run, device, ranks, determinism, images, model, trainee, batches,
+                      {"order": order_gen, "augment": augment_gen})
 
-    diag_cfg = run.get("diagnostics") or {}
-    diag_every = int(diag_cfg.get("every", 0) or 0)
-    diag_x = images.prepare(images.x_train[: diag_cfg.get("batch", 256)]) if diag_every else None
-    diag_y = images.y_train[: diag_cfg.get("batch", 256)] if diag_every else None
-    tracker = ConservationTracker(handle) if diag_every and diag_cfg.get("conservation") else None
-    diagnostics = []
 
-    def diagnose(epoch, step_angles=None):
+class Diagnostics(Callback):
+    """Alignment (and conservation) diagnostics every `every` epochs on a fixed batch.
+
+    In full-batch protocols the update-gradient angle is that of the epoch's one real step
+    (measured between the rule's .grad and the optimiser step); otherwise of a probe step
+    on the batch that leaves the net and the random streams as they were."""
+
+    def __init__(self, task: SingleTask):
+        cfg = task.run.get("diagnostics") or {}
+        self.every = int(cfg.get("every", 0) or 0)
+        self.task, self.records, self.step_angles = task, [], None
+        images, batch = task.images, cfg.get("batch", 256)
+        self.x = images.prepare(images.x_train[:batch]) if self.every else None
+        self.y = images.y_train[:batch] if self.every else None
+        self.tracker = ConservationTracker(task.trainee.handle) if self.every and cfg.get("conservation") else None
+
+    def due(self, epoch: int) -> bool:
+        return bool(self.every) and epoch % self.every == 0
+
+    def measure(self, epoch: int, step_angles=None) -> None:
+        task, handle = self.task, self.task.trainee.handle
         if step_angles is None:
-            report = alignment_report(model, handle, loss_fn, diag_x, diag_y)
+            report = alignment_report(task.model, handle, task.trainee.loss_fn, self.x, self.y)
         else:
             report = {"weight_feedback_angle_deg": weight_feedback_angles(handle),
                       "update_gradient_angle_deg": step_angles}
-        if tracker is not None and epoch > 0:
-            report["conservation"] = tracker.report()
-        diagnostics.append({"epoch": epoch, **report})
+        if self.tracker is not None and epoch > 0:
+            report["conservation"] = self.tracker.report()
+        self.records.append({"epoch": epoch, **report})
 
-    epochs = int(run["epochs"])
-    log_every = int(run.get("log_every", 1))
-    timer = StepTimer(device)
-    history: list[dict] = []
-    status, diverged_epoch = STATUS_OK, None
-    generators = {"order": order_gen, "augment": augment_gen}
-    manifest = getattr(data, "manifest", {}) or {}
-    resume = ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s, epochs) if resume_path else None
-    saved, ignored = resume.load() if resume is not None else (None, None)
-    if ignored and log:
-        log(f"  resume file {resume_path}: {ignored}")
-    first_epoch, resumed_at, elapsed_before = 1, [], 0.0
-    first_loss = None  # the first epoch's training loss, the divergence rule's reference
-    if saved is not None:
-        _load_model_state(model, saved["model"], device)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        handle.rule.load_resume_state(saved["rule"])
-        if tracker is not None:
-            tracker.load_state(saved["conservation"])
-        _rng_restore(device, generators, saved["rng"])
-        history, diagnostics, timer.samples = saved["history"], saved["diagnostics"], saved["step_ms"]
-        first_loss = saved.get("first_loss")
-        resumed_at, elapsed_before = saved["resumed_at"] + [saved["epoch"]], saved["elapsed_s"]
-        first_epoch = saved["epoch"] + 1
-        if log:
-            log(f"  resumed after epoch {saved['epoch']} from {resume_path}")
-    elif diag_every:
-        diagnose(0)
+    def epoch_start(self, epoch: int) -> None:
+        self.step_angles = None
 
-    def save_resume_state(epoch: int) -> None:
-        if resume is None or epoch == epochs or not resume.due() or (ranks is not None and not ranks.leader):
+    def before_update(self, epoch: int):
+        if not (self.task.batches.full_batch and self.due(epoch)):
+            return None
+        task = self.task
+
+        def record_step(xb, yb):
+            self.step_angles = step_gradient_angles(task.model, task.trainee.handle, task.trainee.loss_fn, xb, yb)
+        return record_step
+
+    def epoch_end(self, stats: EpochStats) -> None:
+        if self.due(stats.epoch):
+            self.measure(stats.epoch, self.step_angles)
+
+
+class Evaluation(Callback):
+    """Validation and test accuracy every `log_every` epochs (and the last), into the history."""
+
+    def __init__(self, task: SingleTask, bar, log):
+        self.task, self.bar, self.log = task, bar, log
+        self.every = int(task.run.get("log_every", 1))
+        self.history: list[dict] = []
+
+    def epoch_end(self, stats: EpochStats) -> None:
+        self.bar.update(1)
+        epoch, epochs = stats.epoch, self.task.epochs
+        if epoch % self.every and epoch != epochs:
             return
-        timer.flush()
-        resume.save({
-            "epoch": epoch, "resumed_at": resumed_at, "first_loss": first_loss,
-            "elapsed_s": elapsed_before + time.perf_counter() - wall0,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rule": handle.rule.resume_state(),
-            "conservation": tracker.state() if tracker is not None else None,
-            "rng": _rng_snapshot(device, generators),
-            "history": history, "diagnostics": diagnostics, "step_ms": timer.samples,
-        })
-
-    bar = epoch_bar(epochs, run.get("run_id", run["rule"]["name"]), enabled=progress, initial=first_epoch - 1)
-    model.train()
-    for epoch in range(first_epoch, epochs + 1):
-        perm = None if full_batch else epoch_order(n, loader["shuffle"], order_gen).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        lr = optimizer.param_groups[0]["lr"]
-        warmup = min(WARMUP_STEPS, steps // 2) if epoch == 1 else 0
-        diag_now = bool(diag_every) and epoch % diag_every == 0
-        untimed = diag_now or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
-        step_angles = None
-
-        def measure_update(xb, yb):
-            nonlocal step_angles
-            step_angles = step_gradient_angles(model, handle, loss_fn, xb, yb)
-        for step, i in enumerate(range(0, n_used, bs)):
-            token = timer.start()
-            if full_batch:
-                xb, yb, global_count = x_full, y_full, n
-            else:
-                global_idx = perm[i:i + bs]
-                idx, global_count = distributed.shard(global_idx, ranks), len(global_idx)
-                xb, yb = images.x_train[idx], images.y_train[idx]
-                if augment_gen is not None:
-                    xb = augment_batch(xb, crop_padding, flip, augment_gen)
-                xb = images.prepare(xb)
-            loss, out = optimisation_step(net, handle, optimizer, xb, yb, clip,
-                                          measure_update if full_batch and diag_now else None, autocast,
-                                          distributed.loss_weight(len(yb), global_count, ranks), loss_fn)
-            if per_batch_schedule:
-                scheduler.step()
-            loss_sum += loss.detach().double() * len(yb)
-            correct += (predicted_class(out.detach()) == yb).sum()
-            timer.stop(token, keep=step >= warmup and not untimed)
-        distributed.sum_(loss_sum)
-        distributed.sum_(correct)
-        train_loss = (loss_sum / n_used).item()
-        first_loss = train_loss if first_loss is None else first_loss
-        if exploded(train_loss, first_loss):
-            status, diverged_epoch = STATUS_DIVERGED, epoch
-            if log:
-                log(f"  epoch {epoch}: training loss {train_loss} (first epoch {first_loss}), run DIVERGED")
-            break
-        if scheduler is not None and not per_batch_schedule:
-            scheduler.step()
-        if diag_now:
-            diagnose(epoch, step_angles)
-        bar.update(1)
-        if epoch % log_every and epoch != epochs:
-            save_resume_state(epoch)
-            continue
+        net, images, loss_fn = self.task.trainee.net, self.task.images, self.task.trainee.loss_fn
         val_acc, _ = evaluate_split(net, images, images.x_val, images.y_val, loss_fn)
         test_acc, test_loss = evaluate_split(net, images, images.x_test, images.y_test, loss_fn)
-        record = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_acc": 100.0 * correct.item() / n_used,
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-            "test_loss": test_loss,
-        }
-        history.append(record)
-        bar.set_postfix(loss=f"{train_loss:.4f}", train=f"{record['train_acc']:.1f}%",
-                        test=f"{record['test_acc']:.1f}%", refresh=False)
-        if log and (log_every == 1 or epoch % (50 * log_every) == 0 or epoch == epochs):
-            log(
-                f"  epoch {epoch}: loss {train_loss:.4f} train {record['train_acc']:.2f}% "
-                f"val {record['val_acc'] if record['val_acc'] is not None else '-'} "
-                f"test {record['test_acc']:.2f}%")
-        save_resume_state(epoch)
-    bar.close()
+        record = {"epoch": epoch, "lr": stats.lr, "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                  "val_acc": val_acc, "test_acc": test_acc, "test_loss": test_loss}
+        self.history.append(record)
+        self.bar.set_postfix(loss=f"{stats.train_loss:.4f}", train=f"{stats.train_acc:.1f}%",
+                             test=f"{test_acc:.1f}%", refresh=False)
+        if self.log and (self.every == 1 or epoch % (50 * self.every) == 0 or epoch == epochs):
+            self.log(f"  epoch {epoch}: loss {stats.train_loss:.4f} train {stats.train_acc:.2f}% "
+                     f"val {val_acc if val_acc is not None else '-'} test {test_acc:.2f}%")
 
+
+class Resume(Callback):
+    """Saves the run's whole state after an epoch (ResumeState) and restores it before fit()."""
+
+    def __init__(self, task: SingleTask, resume: ResumeState | None, diagnostics: Diagnostics,
+                 evaluation: Evaluation, timer: StepTimer):
+        self.task, self.resume, self.diagnostics, self.evaluation, self.timer = (
+            task, resume, diagnostics, evaluation, timer)
+        self.wall0 = time.perf_counter()
+        self.first_epoch, self.first_loss, self.resumed_at, self.elapsed_before = 1, None, [], 0.0
+
+    def restore(self, saved: dict) -> None:
+        task, t = self.task, self.task.trainee
+        _load_model_state(task.model, saved["model"], task.device)
+        t.optimizer.load_state_dict(saved["optimizer"])
+        if t.scheduler is not None:
+            t.scheduler.load_state_dict(saved["scheduler"])
+        t.handle.rule.load_resume_state(saved["rule"])
+        if self.diagnostics.tracker is not None:
+            self.diagnostics.tracker.load_state(saved["conservation"])
+        _rng_restore(task.device, task.generators, saved["rng"])
+        self.evaluation.history, self.diagnostics.records = saved["history"], saved["diagnostics"]
+        self.timer.samples = saved["step_ms"]
+        self.first_loss = saved.get("first_loss")
+        self.resumed_at, self.elapsed_before = saved["resumed_at"] + [saved["epoch"]], saved["elapsed_s"]
+        self.first_epoch = saved["epoch"] + 1
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.wall0
+
+    def epoch_end(self, stats: EpochStats) -> None:
+        task, t, ranks = self.task, self.task.trainee, self.task.ranks
+        if (self.resume is None or stats.epoch == task.epochs or not self.resume.due()
+                or (ranks is not None and not ranks.leader)):
+            return
+        self.timer.flush()
+        tracker = self.diagnostics.tracker
+        self.resume.save({
+            "epoch": stats.epoch, "resumed_at": self.resumed_at, "first_loss": stats.first_loss,
+            "elapsed_s": self.elapsed(), "model": task.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+            "rule": t.handle.rule.resume_state(), "conservation": tracker.state() if tracker is not None else None,
+            "rng": _rng_snapshot(task.device, task.generators), "history": self.evaluation.history,
+            "diagnostics": self.diagnostics.records, "step_ms": self.timer.samples,
+        })
+
+
+def step_timer(task: SingleTask, diagnostics: Diagnostics) -> StepTimer:
+    """Times every step but the first epoch's warm-up and the steps that diagnostics share."""
+    warmup = min(WARMUP_STEPS, task.batches.steps // 2)
+    full_batch = task.batches.full_batch
+
+    def keep(epoch: int, step: int) -> bool:
+        untimed = diagnostics.due(epoch) or (full_batch and epoch <= WARMUP_STEPS)  # one step per epoch
+        return step >= (warmup if epoch == 1 else 0) and not untimed
+    return StepTimer(task.device, keep)
+
+
+def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
+    from bpfree.progress import epoch_bar
+
+    wall0 = time.perf_counter()
+    task = build_single_task(run, data, device)
+    manifest = getattr(data, "manifest", {}) or {}
+    diagnostics = Diagnostics(task)
+    timer = step_timer(task, diagnostics)
+    resume_state = (ResumeState(resume_path, run_fingerprint(run, manifest), resume_every_s, task.epochs)
+                    if resume_path else None)
+    saved, ignored = resume_state.load() if resume_state is not None else (None, None)
+    if ignored and log:
+        log(f"  resume file {resume_path}: {ignored}")
+    bar = epoch_bar(task.epochs, run.get("run_id", run["rule"]["name"]), enabled=progress,
+                    initial=saved["epoch"] if saved is not None else 0)
+    evaluation = Evaluation(task, bar, log)
+    resume = Resume(task, resume_state, diagnostics, evaluation, timer)
+    resume.wall0 = wall0
+    if saved is not None:
+        resume.restore(saved)
+        if log:
+            log(f"  resumed after epoch {saved['epoch']} from {resume_path}")
+    elif diagnostics.every:
+        diagnostics.measure(0)
+    task.model.train()
+    outcome = fit(task.trainee, task.batches, task.epochs, first_epoch=resume.first_epoch,
+                  first_loss=resume.first_loss, callbacks=[diagnostics, evaluation, resume], timer=timer)
+    bar.close()
+    if outcome.diverged is not None and log:
+        log(f"  epoch {outcome.diverged.epoch}: training loss {outcome.diverged.train_loss} "
+            f"(first epoch {outcome.first_loss}), run DIVERGED")
+    return single_task_record(task, outcome, evaluation.history, diagnostics.records, timer, resume,
+                              checkpoint_path).to_json(manifest, task.device)
+
+
+def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict], diagnostics: list[dict],
+                       timer: StepTimer, resume: Resume, checkpoint_path) -> RunRecord:
+    """The finished run's record; its weights go to `checkpoint_path` when it did not diverge."""
+    from bpfree.provenance import atomic_torch_save
+
+    run, ranks, handle = task.run, task.ranks, task.trainee.handle
+    status = STATUS_OK if outcome.diverged is None else STATUS_DIVERGED
     step_ms = timer.mean_ms()
     checkpoint = None
     if checkpoint_path is not None and status == STATUS_OK and (ranks is None or ranks.leader):
         atomic_torch_save(checkpoint_path, {
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model": run["model"]["name"], "rule": run["rule"]["name"], "seed": seed,
+            "state_dict": {k: v.detach().cpu() for k, v in task.model.state_dict().items()},
+            "model": run["model"]["name"], "rule": run["rule"]["name"], "seed": int(run["seed"]),
             "final_test_acc": history[-1]["test_acc"] if history else None,
         })
         checkpoint = str(checkpoint_path)
@@ -892,36 +809,22 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     handle.remove()
     selected = _select(history, run["selection"])
     curves = None
-    if log_every > 1:
+    if int(run.get("log_every", 1)) > 1:
         # Long runs: every logged epoch goes into compact columns instead of one dict each.
         curves = to_curves(history, diagnostics)
         history = history[-1:]
         diagnostics = diagnostics[:1] + diagnostics[-1:] if len(diagnostics) > 1 else diagnostics
-    return _json_safe({
-        "status": status,
-        "diverged_epoch": diverged_epoch,
-        "history": history,
-        "curves": curves,
-        "train_data_draw": images.draw,
-        **selected,
-        "epochs_completed": len(history),
-        "sizes": {"train": n, "val": len(images.y_val), "test": len(images.y_test)},
-        "mean_step_ms": step_ms,
-        "wall_time_s": elapsed_before + time.perf_counter() - wall0,
-        "resumed_after_epochs": resumed_at,
-        "determinism": determinism,
-        "converted_layers": counts,
-        "diagnostics": diagnostics,
-        "checkpoint": checkpoint,
-        "seed": seed,
-        "data": {"dataset": run["dataset"], "variant": manifest.get("variant"),
-                 "hash": data_hash(manifest)},
-        "environment": environment_info(device),
-        **({"distributed": {"world_size": ranks.world, "backend": torch.distributed.get_backend()}}
-           if ranks is not None else {}),
-        "git": git_info(),
-        "config": run,
-    })
+    images = task.images
+    protocol = {"resumed_after_epochs": resume.resumed_at}
+    if ranks is not None:
+        protocol["distributed"] = {"world_size": ranks.world, "backend": torch.distributed.get_backend()}
+    return RunRecord(
+        run=run, status=status, history=history, selection=selected, curves=curves,
+        diverged_epoch=outcome.diverged.epoch if outcome.diverged is not None else None,
+        sizes={"train": len(images.y_train), "val": len(images.y_val), "test": len(images.y_test)},
+        wall_time_s=resume.elapsed(), determinism=task.determinism, train_data_draw=images.draw,
+        mean_step_ms=step_ms, converted_layers=counts, diagnostics=diagnostics, checkpoint=checkpoint,
+        protocol=protocol)
 
 
 # The modules a run starts from; everything they import from bpfree is found by reading them.
@@ -991,18 +894,6 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def data_hash(manifest: dict) -> str | None:
-    """One hash for the prepared data: of the sha256 pins of its output files (which the
-    loader verifies), so a re-preparation from different raw bytes re-runs every run."""
-    import hashlib
-    import json
-    if not manifest:
-        return None
-    pins = manifest.get("outputs") or manifest
-    blob = json.dumps(pins, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 CURVE_DIGITS = 7  # float32 training: later digits are rounding noise
 
 
@@ -1035,19 +926,6 @@ def to_curves(history: list[dict], diagnostics: list[dict]) -> dict[str, list]:
             columns.setdefault(key, [None] * len(diagnostics))[i] = _round(v)
     curves.update(sorted(columns.items()))
     return curves
-
-
-def _json_safe(obj):
-    """Strict JSON: NaN/inf become None (a diverged run's loss must not break JSON readers)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 class CheckpointError(ValueError):

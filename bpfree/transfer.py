@@ -19,11 +19,10 @@ from torch import nn
 
 from bpfree.continual import task_generators, task_images, train_task
 from bpfree.models import build_model
-from bpfree.provenance import environment_info, git_info
 from bpfree.pruning import sign_flip_fraction
+from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
-from bpfree.training import (STATUS_DIVERGED, STATUS_OK, DeviceSplits, _json_safe, data_hash,
-                             evaluate_split, seed_everything, set_determinism)
+from bpfree.training import DeviceSplits, evaluate_split, seed_everything, set_determinism
 
 
 def limit_images(images: DeviceSplits, train: int | None, test: int | None, seed: int) -> DeviceSplits:
@@ -126,19 +125,12 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
         if log:
             log(f"  fine-tuned on {len(classes['target'])} classes: test {final:.2f}%, "
                 f"{scalars['sign_flip_pct']:.2f}% of pre-trained weights flipped sign")
-    manifest = getattr(data, "manifest", {}) or {}
-    return _json_safe({
-        "status": status, "diverged_epoch": diverged, "history": history,
-        "transfer": {"source_classes": classes.get("source"), "pretrained": spec.get("pretrained"),
-                     "target_classes": classes["target"], "replaced_head": head},
-        "scalars": scalars, "selection": "final", "selected_epoch": None,
-        "selected_test_acc": final, "final_test_acc": final, "best_test_epoch": None,
-        "best_test_acc_test_selected": None, "epochs_completed": len(history), "curves": None,
-        "train_data_draw": None,
-        "sizes": {name: {"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
-                  for name, t in images.items()},
-        "mean_step_ms": None, "wall_time_s": time.perf_counter() - wall0,
-        "converted_layers": counts, "diagnostics": [], "checkpoint": None, "seed": seed,
-        "data": {"dataset": run["dataset"], "variant": manifest.get("variant"), "hash": data_hash(manifest)},
-        "environment": environment_info(device), "determinism": determinism, "git": git_info(), "config": run,
-    })
+    return RunRecord(
+        run=run, status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
+        sizes={name: {"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
+               for name, t in images.items()},
+        wall_time_s=time.perf_counter() - wall0, determinism=determinism, converted_layers=counts,
+        protocol={"transfer": {"source_classes": classes.get("source"), "pretrained": spec.get("pretrained"),
+                               "target_classes": classes["target"], "replaced_head": head},
+                  "scalars": scalars},
+    ).to_json(getattr(data, "manifest", {}) or {}, device)

@@ -62,7 +62,7 @@ def load_queue(path: Path = QUEUE_FILE) -> list[dict]:
 
 
 def _data_hash(dataset: str, prepared: Path) -> str | None:
-    from bpfree.training import data_hash
+    from bpfree.record import data_hash
     manifest = Path(prepared) / dataset / "manifest.json"
     return data_hash(json.loads(manifest.read_text())) if manifest.is_file() else None
 

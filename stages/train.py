@@ -80,7 +80,8 @@ def main(argv: list[str]) -> int:
     from bpfree.config import DEFAULT_PROFILE, ConfigError, config_hash, load_params, resolve_experiment, run_configs
     from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
-    from bpfree.training import code_hash, data_hash, preflight, select_device
+    from bpfree.record import data_hash
+    from bpfree.training import code_hash, preflight, select_device
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()

@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     from bpfree.config import DEFAULT_PROFILE, ConfigError, _set_path, load_params, resolve_experiment
     from bpfree.data import load_prepared_data
     from bpfree.provenance import atomic_write_json, git_info
-    from bpfree.training import select_device, train_run, code_hash, data_hash
+    from bpfree.record import data_hash
+    from bpfree.training import select_device, train_run, code_hash
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
     params = load_params()

@@ -20,8 +20,9 @@ from bpfree.config import ConfigError, load_params, resolve_experiment, run_conf
 from bpfree.losses import sigmoid_bce
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
-from bpfree.training import (STATUS_OK, build_optimizer, epoch_order, optimisation_step, parameter_groups,
-                             train_run)
+from bpfree.loop import epoch_order, optimisation_step
+from bpfree.record import STATUS_OK
+from bpfree.training import build_optimizer, parameter_groups, train_run
 
 BATCH, LR = 128, 0.3
 

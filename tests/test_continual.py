@@ -7,7 +7,8 @@ import torch
 from bpfree.config import ConfigError, resolve_experiment, run_configs, validate_params
 from bpfree.continual import task_images, train_continual
 from bpfree.data import split_mnist_tasks
-from bpfree.training import augment_batch, build_optimizer, build_scheduler
+from bpfree.loop import augment_batch
+from bpfree.training import build_optimizer, build_scheduler
 
 
 

@@ -75,7 +75,7 @@ def _rule_state_main(rank, world, port, rule, out_dir):
     from bpfree import distributed
     from bpfree.models import build_model
     from bpfree.rules import apply_rule
-    from bpfree.training import optimisation_step
+    from bpfree.loop import optimisation_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

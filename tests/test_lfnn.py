@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
 from bpfree.rules.leader_follower import select_leaders, worker_prediction_losses
-from bpfree.training import optimisation_step
+from bpfree.loop import optimisation_step
 
 
 def _mlp(seed=0, widths=(16, 8), dtype=torch.float64):

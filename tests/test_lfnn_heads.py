@@ -13,7 +13,7 @@ from torch import nn
 
 import bpfree
 from bpfree.rules import leader_heads
-from bpfree.training import optimisation_step
+from bpfree.loop import optimisation_step
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "lfnn_tf_reference.npz"
 TOLERANCE = 1e-10

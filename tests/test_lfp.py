@@ -283,7 +283,7 @@ def test_batchnorm_is_a_per_channel_linear_map():
 
 def _lfp_sign_flips(momentum: float) -> float:
     from bpfree.pruning import sign_flip_fraction
-    from bpfree.training import optimisation_step
+    from bpfree.loop import optimisation_step
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
     before = {k: v.clone() for k, v in model.state_dict().items()}

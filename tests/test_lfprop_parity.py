@@ -9,7 +9,7 @@ size), our per-parameter feedback must equal theirs to 1e-10 for LFP-eps (an MLP
 and a conv net with max and average pooling) and LFP-0 (the MLP; lfprop gives NaN where an
 average pool's output is exactly 0, ours 0, so that case is left out), and one whole
 training step of ours (reward, feedback, the rule's global clip at 3.0, SGD lr 0.1 momentum
-0.9, through bpfree.training.optimisation_step) must leave the weights the authors'
+0.9, through bpfree.loop.optimisation_step) must leave the weights the authors'
 Trainer.lfp_step leaves. A mutated rule (the reward read off the mean loss, our old
 default) must fail, so the comparison can.
 """
@@ -22,7 +22,7 @@ from torch import nn
 
 import bpfree
 from bpfree.models import Heaviside
-from bpfree.training import optimisation_step
+from bpfree.loop import optimisation_step
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 sys.path.insert(0, str(REFERENCE))

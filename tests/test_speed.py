@@ -11,7 +11,7 @@ import bpfree
 from bpfree.config import ConfigError, resolve_experiment, validate_params
 from bpfree.models import build_model
 from bpfree.rules import get_rule_class
-from bpfree.training import optimisation_step
+from bpfree.loop import optimisation_step
 from conftest import tiny_options
 
 CASES = [(rule, "lenet_mnist") for rule in bpfree.list_layer_rules()] + \

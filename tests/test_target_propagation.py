@@ -11,7 +11,7 @@ from torch import nn
 import bpfree
 from bpfree.models import build_model
 from bpfree.rules import apply_rule, get_rule_class
-from bpfree.training import optimisation_step
+from bpfree.loop import optimisation_step
 
 BLOCK_RULES = ("tp", "dtp", "lra")
 

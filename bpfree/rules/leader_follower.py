@@ -179,7 +179,7 @@ class LeaderFollower(Rule):
             if mask is None:
                 raise RuntimeError(
                     "rule 'lfnn': backward() ran before handle.local_loss(targets) chose the leaders; "
-                    "train through bpfree.training.optimisation_step or call handle.local_loss first")
+                    "train through bpfree.loop.optimisation_step or call handle.local_loss first")
             shape = (1,) * (grad.dim() - 1) + (-1,) if isinstance(layer, nn.Linear) \
                 else (1, -1) + (1,) * (grad.dim() - 2)
             return grad * mask.to(grad.dtype).view(shape)
