@@ -46,7 +46,7 @@ def test_no_default_remote_outside_the_repository():
 
 def test_trained_record_keeps_the_runs_of_processes_training_side_by_side(tmp_path):
     """Shards of one experiment (stages.launch) write one trained.json; none drops another's."""
-    from stages.train import Trained
+    from bpfree.runner import Trained
     path = tmp_path / "trained.json"
     first, second = Trained(path), Trained(path)
     first.keep_only({"bp_seed0", "fa_seed0"})
