@@ -51,6 +51,11 @@ EXPERIMENT_KEYS = {
     "tuning": False, "sweep": False, "train_data": False, "log_every": False, "continual": False,
     "pruning": False, "transfer": False, "loss": False, "loader": False,
 }
+# What a profile's `defaults:` may set for all of its experiments (an experiment's own entry
+# wins): how runs execute, never what they compute.
+PROFILE_DEFAULT_KEYS = ("threads", "device", "deterministic", "speed")
+DEFAULTS = "defaults"
+
 TOP_KEYS = {"datasets": True, "optional_datasets": False, "data_variants": True, "experiments": True,
             "profiles": True}
 
@@ -574,14 +579,22 @@ def validate_params(params: Any) -> dict:
     if not profiles:
         raise ConfigError("profiles", profiles, "needs at least one profile")
     _choice(DEFAULT_PROFILE, "profiles (the default profile)", list(profiles))
+    if DEFAULTS in experiments:
+        raise ConfigError(f"experiments.{DEFAULTS}", None, f"{DEFAULTS!r} names a profile's defaults; rename it")
     for pname, pdef in profiles.items():
         _mapping(pdef, f"profiles.{pname}")
+        defaults = pdef.get(DEFAULTS) or {}
+        _validate_override(defaults, f"profiles.{pname}.{DEFAULTS}")
+        for key in defaults:
+            _choice(key, f"profiles.{pname}.{DEFAULTS}.{key}", PROFILE_DEFAULT_KEYS)
         for exp_id in experiments:
             if exp_id not in pdef:
                 raise ConfigError(f"profiles.{pname}.{exp_id}", None,
                                   "every profile must say how to run every experiment "
-                                  "({} = the full protocol)")
+                                  "({} = the full protocol with the profile's defaults)")
         for exp_id, override in pdef.items():
+            if exp_id == DEFAULTS:
+                continue
             _choice(exp_id, f"profiles.{pname}.{exp_id}", list(experiments))
             _validate_override(override, f"profiles.{pname}.{exp_id}")
             _check_resolved(resolve_experiment(params, exp_id, pname), f"profiles.{pname}.{exp_id}")
@@ -655,13 +668,19 @@ def experiment_notes(path: str | os.PathLike = NOTES_FILE) -> dict[str, str]:
     return {k: " ".join(str(v).split()) for k, v in notes.items()}
 
 
+def profile_override(params: dict, profile: str, exp_id: str) -> dict:
+    """How a profile runs one experiment: its defaults, under the experiment's own entry."""
+    pdef = params["profiles"][profile]
+    return copy.deepcopy({**(pdef.get(DEFAULTS) or {}), **(pdef.get(exp_id) or {})})
+
+
 def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) -> dict:
     """The experiment as this profile runs it: base protocol with the profile's overrides."""
     profile = DEFAULT_PROFILE if profile is None else profile
     if exp_id not in params["experiments"]:
         raise ConfigError("experiment", exp_id, "unknown experiment", list(params["experiments"]))
     exp = copy.deepcopy(params["experiments"][exp_id])
-    override = copy.deepcopy(params["profiles"][profile].get(exp_id) or {})
+    override = profile_override(params, profile, exp_id)
     deviations = []
     for key in ("epochs", "seeds", "val_size", "batch_size"):
         if key in override and override[key] != exp[key]:
@@ -788,8 +807,7 @@ def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[d
     """
     exp = resolve_experiment(params, exp_id, profile)
     # a profile's batch_size (a small smoke set) wins over a rule's own batch
-    profile_batch = "batch_size" in (params["profiles"][DEFAULT_PROFILE if profile is None else profile]
-                                     .get(exp_id) or {})
+    profile_batch = "batch_size" in profile_override(params, DEFAULT_PROFILE if profile is None else profile, exp_id)
     sweep = exp.get("sweep")
     points = [(None, None)] if not sweep else [(sweep["param"], v) for v in sweep["values"]]
     runs = []

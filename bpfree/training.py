@@ -32,7 +32,7 @@ from bpfree.losses import LossFn, loss_function
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
 from bpfree.loop import (LOADER_DEFAULTS, PER_BATCH_SCHEDULES, UNSTABLE_FACTOR, Batches, Callback, EpochStats,
                          FitOutcome, StepTimer, Trainee, exploded, fit, predicted_class)
-from bpfree.metrics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
+from bpfree.diagnostics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model, model_options
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, data_hash
 from bpfree.rules import apply_rule

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Lower tiers never import higher ones. Every module of bpfree/ and stages/ must be placed.
 TIERS = {
-    "library": ["bpfree.rules", "bpfree.models", "bpfree.losses", "bpfree.data", "bpfree.metrics",
+    "library": ["bpfree.rules", "bpfree.models", "bpfree.losses", "bpfree.data", "bpfree.diagnostics",
                 "bpfree.distributed", "bpfree.layout", "bpfree.provenance", "bpfree.progress", "bpfree.pruning"],
     "harness": ["bpfree.config", "bpfree.loop", "bpfree.record", "bpfree.runner", "bpfree.training", "bpfree.continual", "bpfree.transfer", "bpfree.summary",
                 "bpfree.benchmark", "bpfree.verify"],

@@ -320,3 +320,30 @@ def test_a_rule_may_bring_its_own_batch_and_an_lr_per_sweep_value():
     lrs = {r["run_id"]: r["optimizer"]["lr"] for r in run_configs(load_params(), "C2_mnist_depth", "gpu")}
     assert lrs["backman_depth2_seed1"] == 0.05 and lrs["backman_depth6_seed1"] == 0.01
     assert lrs["backman_depth12_seed1"] == 0.002 and lrs["bp_depth12_seed1"] == 0.25
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_committed_runs_keep_their_config_hash(profile, monkeypatch):
+    """A params.yaml refactor (profile defaults, anchors) must not change what a run is: every
+    run the committed summary counts recomputes, from today's params, the config hash its
+    metrics.json was written with."""
+    import json
+    from bpfree.config import sweep_label
+    from bpfree.layout import LAYOUT
+    monkeypatch.chdir(REPO)  # tuned lrs are read from results/tuning
+    summary = json.loads(LAYOUT.summary(profile).read_text())
+    params = load_params()
+    checked = 0
+    for exp_id, entry in summary["experiments"].items():
+        if entry.get("not_run"):  # this profile does not run it
+            continue
+        for run in run_configs(params, exp_id, profile):
+            key = run["rule"]["name"]
+            if run.get("sweep"):
+                key = f"{key}@{sweep_label(run['sweep']['param'])}={run['sweep']['value']}"
+            if entry["rules"].get(key, {}).get("status", {}).get(str(run["seed"])) in (None, "MISSING", "STALE"):
+                continue
+            metrics = json.loads(LAYOUT.metrics(profile, exp_id, run["run_id"]).read_text())
+            assert config_hash(run, metrics["data"]["hash"]) == metrics["config_hash"], (exp_id, run["run_id"])
+            checked += 1
+    assert checked > 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bpfree.config import ConfigError, run_configs, validate_params
-from bpfree.metrics import ConservationTracker, step_gradient_angles, update_gradient_angles
+from bpfree.diagnostics import ConservationTracker, step_gradient_angles, update_gradient_angles
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
 from bpfree.training import device_splits, train_run

@@ -33,8 +33,10 @@ def test_profile_pipelines_fix_their_profile_and_run_from_the_root():
 
 
 def test_params_dependencies_are_per_experiment_and_profile_entry():
+    """Editing one experiment or its profile entry re-runs only its train stage; the profile's
+    defaults (threads, device) reach every one of them."""
     train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["do"]
-    assert train["params"] == ["experiments.${key}", "profiles.${profile}.${key}"]
+    assert train["params"] == ["experiments.${key}", "profiles.${profile}.defaults", "profiles.${profile}.${key}"]
     outs = [next(iter(o)) for o in train["outs"]]
     assert outs == ["results/${profile}/runs/${key}", "checkpoints/${profile}/${key}/trained.json"]
 

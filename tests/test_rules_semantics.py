@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bpfree
-from bpfree.metrics import angle_degrees, weight_feedback_angles
+from bpfree.diagnostics import angle_degrees, weight_feedback_angles
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
