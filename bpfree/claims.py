@@ -539,43 +539,7 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
             verdict, shown = NOT_RUN, "—"
             blocked = next(d.reason for d in everything if d.status == NOT_RUN)
         else:
-            v = main.mean
-            margin = spread = None
-            seeds = list(main.per_seed.values())
-            one_seed = main.n < 2  # no observed spread to measure the bound against
-            if "max" in chk and seeds:
-                margin, spread = chk["max"] - max(seeds), None if one_seed else main.std
-            elif "min" in chk and seeds:
-                margin, spread = min(seeds) - chk["min"], None if one_seed else main.std
-            if "max" in chk:
-                ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
-            elif "min" in chk:
-                ok, tol, shown = v >= chk["min"], f"≥ {chk['min']:g}", _pm(main)
-            elif "target" in chk:
-                ok = abs(v - chk["target"]) <= chk["tolerance"]
-                tol, shown = f"{chk['target']:g} ± {chk['tolerance']:g}", _pm(main)
-                extra.append(f"diff {v - chk['target']:+.2f}")
-            elif "closer_to" in chk:
-                target, rival = others
-                gap, rival_gap = abs(v - target.mean), abs(rival.mean - target.mean)
-                ok = gap <= rival_gap
-                tol = f"|{chk['rule']} − {chk['closer_to']}| ≤ |{chk['than']} − {chk['closer_to']}|"
-                shown = f"{gap:.3g} vs {rival_gap:.3g}"
-                extra.append(f"{chk['rule']} {_pm(main)}, {chk['closer_to']} {_pm(target)}, "
-                             f"{chk['than']} {_pm(rival)}")
-            else:
-                diff = v - others[0].mean
-                bound = [k for k in ("at_most", "at_least", "within") if k in chk][0]
-                margin, spread = _diff_margin(main, others[0], bound, chk[bound])
-                sym = {"at_most": "≤", "at_least": "≥", "within": "|·| ≤"}[bound]
-                shown = f"{_pm(main)} vs {_pm(others[0])} (diff {diff:+.3g})"
-                if "margin_se" in chk:
-                    ok, tol, why = _clears_by_se(main, others[0], bound, chk[bound], chk["margin_se"])
-                    extra.append(why)
-                else:
-                    ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
-                          "within": abs(diff) <= chk.get("within", 0)}[bound]
-                    tol = f"difference {sym} {chk[bound]:g}"
+            ok, tol, shown, margin, spread = _judge(chk, main, others, extra)
             verdict = PASS if ok else FAIL
         if verdict in (DIVERGED, NOT_RUN):
             tol = "—"
@@ -588,6 +552,49 @@ def _comparison(claim: Claim, summaries: dict) -> list[Row]:
                         _variant(claim, summaries), _notes(claim, summaries, extra), main.mean,
                         blocked, margin, spread))
     return rows
+
+
+def _judge(chk: dict, main: _RuleData, others: list[_RuleData], extra: list[str]):
+    """(passes, tolerance text, shown value, margin, spread) of one check on finished runs;
+    notes for the row go to `extra`."""
+    v = main.mean
+    margin = spread = None
+    seeds = list(main.per_seed.values())
+    one_seed = main.n < 2  # no observed spread to measure the bound against
+    if "max" in chk and seeds:
+        margin, spread = chk["max"] - max(seeds), None if one_seed else main.std
+    elif "min" in chk and seeds:
+        margin, spread = min(seeds) - chk["min"], None if one_seed else main.std
+    if "max" in chk:
+        ok, tol, shown = v <= chk["max"], f"≤ {chk['max']:g}", _pm(main)
+    elif "min" in chk:
+        ok, tol, shown = v >= chk["min"], f"≥ {chk['min']:g}", _pm(main)
+    elif "target" in chk:
+        ok = abs(v - chk["target"]) <= chk["tolerance"]
+        tol, shown = f"{chk['target']:g} ± {chk['tolerance']:g}", _pm(main)
+        extra.append(f"diff {v - chk['target']:+.2f}")
+    elif "closer_to" in chk:
+        target, rival = others
+        gap, rival_gap = abs(v - target.mean), abs(rival.mean - target.mean)
+        ok = gap <= rival_gap
+        tol = f"|{chk['rule']} − {chk['closer_to']}| ≤ |{chk['than']} − {chk['closer_to']}|"
+        shown = f"{gap:.3g} vs {rival_gap:.3g}"
+        extra.append(f"{chk['rule']} {_pm(main)}, {chk['closer_to']} {_pm(target)}, "
+                     f"{chk['than']} {_pm(rival)}")
+    else:
+        diff = v - others[0].mean
+        bound = [k for k in ("at_most", "at_least", "within") if k in chk][0]
+        margin, spread = _diff_margin(main, others[0], bound, chk[bound])
+        sym = {"at_most": "≤", "at_least": "≥", "within": "|·| ≤"}[bound]
+        shown = f"{_pm(main)} vs {_pm(others[0])} (diff {diff:+.3g})"
+        if "margin_se" in chk:
+            ok, tol, why = _clears_by_se(main, others[0], bound, chk[bound], chk["margin_se"])
+            extra.append(why)
+        else:
+            ok = {"at_most": diff <= chk.get("at_most", 0), "at_least": diff >= chk.get("at_least", 0),
+                  "within": abs(diff) <= chk.get("within", 0)}[bound]
+            tol = f"difference {sym} {chk[bound]:g}"
+    return ok, tol, shown, margin, spread
 
 
 def diff_se(main: _RuleData, ref: _RuleData) -> tuple[float | None, str]:

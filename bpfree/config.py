@@ -307,6 +307,29 @@ def _validate_experiment(exp, path, ctx) -> None:
                 raise ConfigError(f"{path}.preprocess.std", values, "every value must be > 0")
     _int(pre.get("crop_padding", 0), f"{path}.preprocess.crop_padding", 0)
     _bool(pre.get("flip", False), f"{path}.preprocess.flip")
+    _validate_protocol_blocks(exp, path, ctx)
+    _bool(pre.get("normalize", True), f"{path}.preprocess.normalize")
+    if pre.get("resize") is not None:
+        _int(pre["resize"], f"{path}.preprocess.resize", 1)
+    diag = exp.get("diagnostics", {}) or {}
+    _mapping(diag, f"{path}.diagnostics")
+    _keys(diag, {"every": False, "batch": False, "conservation": False}, f"{path}.diagnostics")
+    _int(diag.get("every", 0), f"{path}.diagnostics.every", 0)
+    _int(diag.get("batch", 256), f"{path}.diagnostics.batch", 1)
+    _bool(diag.get("conservation", False), f"{path}.diagnostics.conservation")
+    _int(exp.get("log_every", 1), f"{path}.log_every", 1)
+    if exp.get("train_data") is not None:
+        _validate_train_data(exp["train_data"], f"{path}.train_data")
+    if exp.get("sweep") is not None:
+        _validate_sweep(exp["sweep"], exp, f"{path}.sweep")
+    if exp.get("tuning") is not None:
+        _validate_tuning(exp["tuning"], f"{path}.tuning")
+    if "notes" in exp and not isinstance(exp["notes"], str):
+        raise ConfigError(f"{path}.notes", exp["notes"], "must be a string")
+
+
+def _validate_protocol_blocks(exp, path, ctx) -> None:
+    """The optional blocks: loss, loader, pruning, task sequence and transfer."""
     if exp.get("loss") is not None:
         _choice(exp["loss"], f"{path}.loss", tuple(LOSSES))
     if exp.get("loader") is not None:
@@ -340,24 +363,6 @@ def _validate_experiment(exp, path, ctx) -> None:
             raise ConfigError(f"{path}.continual", c, "cannot be combined with train_data or sweep")
     if exp.get("transfer") is not None:
         _validate_transfer(exp, f"{path}.transfer", ctx)
-    _bool(pre.get("normalize", True), f"{path}.preprocess.normalize")
-    if pre.get("resize") is not None:
-        _int(pre["resize"], f"{path}.preprocess.resize", 1)
-    diag = exp.get("diagnostics", {}) or {}
-    _mapping(diag, f"{path}.diagnostics")
-    _keys(diag, {"every": False, "batch": False, "conservation": False}, f"{path}.diagnostics")
-    _int(diag.get("every", 0), f"{path}.diagnostics.every", 0)
-    _int(diag.get("batch", 256), f"{path}.diagnostics.batch", 1)
-    _bool(diag.get("conservation", False), f"{path}.diagnostics.conservation")
-    _int(exp.get("log_every", 1), f"{path}.log_every", 1)
-    if exp.get("train_data") is not None:
-        _validate_train_data(exp["train_data"], f"{path}.train_data")
-    if exp.get("sweep") is not None:
-        _validate_sweep(exp["sweep"], exp, f"{path}.sweep")
-    if exp.get("tuning") is not None:
-        _validate_tuning(exp["tuning"], f"{path}.tuning")
-    if "notes" in exp and not isinstance(exp["notes"], str):
-        raise ConfigError(f"{path}.notes", exp["notes"], "must be a string")
 
 
 def _validate_train_data(t, path) -> None:
@@ -681,7 +686,23 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         raise ConfigError("experiment", exp_id, "unknown experiment", list(params["experiments"]))
     exp = copy.deepcopy(params["experiments"][exp_id])
     override = profile_override(params, profile, exp_id)
-    deviations = []
+    path = f"profiles.{profile}.{exp_id}"
+    deviations: list[str] = []  # what makes this profile's run shorter than the protocol, in words
+    _apply_budget(exp, override, deviations, path)
+    _apply_runtime(exp, override)
+    _apply_scope(exp, override, deviations, path)
+    exp["optimizer"] = {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False, **exp["optimizer"]}
+    if exp["schedule"]["name"] == "multistep":
+        exp["schedule"].setdefault("gamma", 0.1)
+    exp["id"] = exp_id
+    exp["profile"] = profile
+    exp["deviations"] = deviations
+    exp["shortened"] = bool(deviations)
+    return exp
+
+
+def _apply_budget(exp: dict, override: dict, deviations: list[str], path: str) -> None:
+    """Epochs, seeds, validation size, batch, lr milestones and data subsets."""
     for key in ("epochs", "seeds", "val_size", "batch_size"):
         if key in override and override[key] != exp[key]:
             if key == "seeds" and len(exp[key]) > 6:
@@ -691,7 +712,7 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
             exp[key] = override[key]
     if "milestones" in override:
         if exp["schedule"]["name"] != "multistep":
-            raise ConfigError(f"profiles.{profile}.{exp_id}.milestones", override["milestones"],
+            raise ConfigError(f"{path}.milestones", override["milestones"],
                               "the experiment's schedule has no milestones")
         if override["milestones"] != exp["schedule"]["milestones"]:
             deviations.append(f"milestones {override['milestones']} (protocol {exp['schedule']['milestones']})")
@@ -702,6 +723,10 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         deviations.append(f"train subset {exp['train_subset']} images")
     if exp["test_subset"] is not None:
         deviations.append(f"test subset {exp['test_subset']} images")
+
+
+def _apply_runtime(exp: dict, override: dict) -> None:
+    """How the runs execute (threads, device, speed, determinism) and the keys' defaults."""
     exp["threads"] = override.get("threads")
     exp["device"] = override.get("device", "auto")
     exp.setdefault("preprocess", {})
@@ -719,34 +744,36 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
         exp["speed"] = {**SPEED_DEFAULTS, **override["speed"]}
     if "deterministic" in override:  # absent: deterministic algorithms, warn-only (training.set_determinism)
         exp["deterministic"] = override["deterministic"]
+
+
+def _apply_scope(exp: dict, override: dict, deviations: list[str], path: str) -> None:
+    """What is trained: derived training set, sweep points, rules, pruning and model options."""
     if exp.get("train_data"):
         merged = {**exp["train_data"], **(override.get("train_data") or {})}
         if merged != exp["train_data"]:
             deviations.append(f"train_data {merged} (protocol {exp['train_data']})")
         exp["train_data"] = merged
     elif override.get("train_data"):
-        raise ConfigError(f"profiles.{profile}.{exp_id}.train_data", override["train_data"],
-                          "the experiment has no train_data to override")
+        raise ConfigError(f"{path}.train_data", override["train_data"], "the experiment has no train_data to override")
     if exp.get("sweep"):
         values = override.get("sweep_values", exp["sweep"]["values"])
         if values != exp["sweep"]["values"]:
             deviations.append(f"{exp['sweep']['param']} in {values} (protocol {exp['sweep']['values']})")
         exp["sweep"] = {"param": exp["sweep"]["param"], "values": values}
     elif "sweep_values" in override:
-        raise ConfigError(f"profiles.{profile}.{exp_id}.sweep_values", override["sweep_values"],
-                          "the experiment has no sweep")
+        raise ConfigError(f"{path}.sweep_values", override["sweep_values"], "the experiment has no sweep")
     if "rules" in override:  # a profile may run a subset of the rules (a cheaper budget)
         unknown = [r for r in override["rules"] if r not in exp["rules"]]
         if unknown:
-            raise ConfigError(f"profiles.{profile}.{exp_id}.rules", override["rules"],
-                              f"not rules of the experiment: {unknown}", list(exp["rules"]))
+            raise ConfigError(f"{path}.rules", override["rules"], f"not rules of the experiment: {unknown}",
+                              list(exp["rules"]))
         if list(override["rules"]) != list(exp["rules"]):
             deviations.append(f"rules {list(override['rules'])} (protocol {list(exp['rules'])})")
         exp["rules"] = {r: exp["rules"][r] for r in override["rules"]}
     exp["skip"] = override.get("skip")
     if override.get("pruning"):
         if not exp.get("pruning"):
-            raise ConfigError(f"profiles.{profile}.{exp_id}.pruning", override["pruning"],
+            raise ConfigError(f"{path}.pruning", override["pruning"],
                               "the experiment has no pruning evaluation to override")
         exp["pruning"] = {**exp["pruning"], **override["pruning"]}
     exp["model"].setdefault("options", {})
@@ -757,14 +784,6 @@ def resolve_experiment(params: dict, exp_id: str, profile: str | None = None) ->
             deviations.append(f"model options {override['model_options']} (protocol "
                               f"{ {k: exp['model']['options'].get(k) for k in override['model_options']} })")
         exp["model"]["options"] = merged
-    exp["optimizer"] = {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False, **exp["optimizer"]}
-    if exp["schedule"]["name"] == "multistep":
-        exp["schedule"].setdefault("gamma", 0.1)
-    exp["id"] = exp_id
-    exp["profile"] = profile
-    exp["deviations"] = deviations
-    exp["shortened"] = bool(deviations)
-    return exp
 
 
 TUNED = "tuned"
