@@ -12,7 +12,7 @@ from conftest import REPO
 @pytest.fixture
 def queue_module(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))  # stages/ is not an installed package
-    import stages.gpu_queue as q
+    import bpfree.gpu_queue as q
     return q
 
 
