@@ -138,7 +138,7 @@ class _MembraneReward(torch.autograd.Function):
     the spikes, plus the share the next step handed back to this step's membrane, counts as
     reward on the new membrane u_t = beta u_t-1 + I_t - reset; it is normalised by
     |u_t-1| + |u_t + reset - u_t-1| + eps, the normalised reward s goes to the input current
-    (the layer in front applies it without dividing again: variant "snn"), and
+    (the layer in front applies it without dividing again: EpsilonPropagation(normalised=True)), and
     beta s u_t-1 is carried to the step before. Steps must come back in reverse order, as
     autograd runs them; `carry` holds the hand-back between steps of one forward pass."""
 
@@ -316,28 +316,45 @@ def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b,
     return r_in, share, s_pos, s_neg
 
 
-def lfp_backward(ops, x, weight, bias, z, reward, variant, eps, alpha, beta, need_input=True):
-    """(reward to the input, weight feedback F, bias feedback F_b) of one layer. The reward to
-    the input costs a transposed product per layer; the first layer's input (the data) takes
-    none, so it is skipped there (need_input False), as autograd skips BP's."""
-    if variant in ("eps", "snn"):  # "snn": the LIF behind the layer already normalised it
-        s = reward if variant == "snn" else _divide(reward, z, eps)
+class EpsilonPropagation:
+    """LFP-eps (and LFP-0, eps = 0): s = R / (z + eps sign z); the reward to the input is
+    x o (W^T s) and the weight's feedback |W| o (s x^T). `normalised`: the LIF behind the
+    layer already divided its reward (snn "membrane"), so s = R."""
+
+    def __init__(self, eps: float, normalised: bool = False):
+        self.eps, self.normalised = eps, normalised
+
+    def __call__(self, ops, x, weight, bias, z, reward, need_input=True):
+        """(reward to the input, weight feedback F, bias feedback F_b) of one layer. The reward
+        to the input costs a transposed product per layer; the first layer's input (the data)
+        takes none, so it is skipped there (need_input False), as autograd skips BP's."""
+        s = reward if self.normalised else _divide(reward, z, self.eps)
         r_in = x * ops.send(s, weight) if need_input else None
         f_w = ops.collect(s, x).mul_(weight.abs())  # a fresh product: scaled in place
         f_b = None if bias is None else bias.abs() * ops.bias_sum(s)
         return r_in, f_w, f_b
-    w_pos, w_neg = _pos(weight), _neg(weight)
-    b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), z)
-    b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), z)
-    a, b = (alpha, beta) if variant == "alpha_beta" else (0.5, -0.5)
-    # message R_ij = a (w x)+_ij s+_j - b (w x)-_ij s-_j, with (w x)+ = w+ x+ + w- x-, (w x)- = w+ x- + w- x+
-    split = split_messages_nonnegative if not bool(x.lt(0).any()) else split_messages
-    r_in, share, s_pos, s_neg = split(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input)
-    f_w = torch.sign(weight) * share
-    f_b = None
-    if bias is not None:
-        f_b = torch.sign(bias) * (a * _pos(bias) * ops.bias_sum(s_pos) - b * _neg(bias) * ops.bias_sum(s_neg))
-    return r_in, f_w, f_b
+
+
+class SplitPropagation:
+    """LFP-alpha-beta (a = alpha, b = beta) and LFP-z+z- (a = 1/2, b = -1/2): the message
+    R_ij = a (w x)+_ij s+_j - b (w x)-_ij s-_j, with (w x)+ = w+ x+ + w- x- and
+    (w x)- = w+ x- + w- x+, each sign normalised by its own z."""
+
+    def __init__(self, a: float, b: float):
+        self.a, self.b = a, b
+
+    def __call__(self, ops, x, weight, bias, z, reward, need_input=True):
+        a, b = self.a, self.b
+        w_pos, w_neg = _pos(weight), _neg(weight)
+        b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), z)
+        b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), z)
+        split = split_messages_nonnegative if not bool(x.lt(0).any()) else split_messages
+        r_in, share, s_pos, s_neg = split(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input)
+        f_w = torch.sign(weight) * share
+        f_b = None
+        if bias is not None:
+            f_b = torch.sign(bias) * (a * _pos(bias) * ops.bias_sum(s_pos) - b * _neg(bias) * ops.bias_sum(s_neg))
+        return r_in, f_w, f_b
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -354,41 +371,41 @@ def _saved_in_weight_dtype(ctx, reward):
 
 class LFPLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg):
+    def forward(ctx, x, weight, bias, propagation):
         z = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight, bias, z)
-        ctx.cfg = cfg
+        ctx.propagation = propagation
         return z
 
     @staticmethod
     def backward(ctx, reward):
         x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
-        r_in, f_w, f_b = lfp_backward(_LinearOps(x), x, weight, bias, z, reward, *ctx.cfg,
-                                      need_input=ctx.needs_input_grad[0])
+        r_in, f_w, f_b = ctx.propagation(_LinearOps(x), x, weight, bias, z, reward,
+                                         need_input=ctx.needs_input_grad[0])
         return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None
 
 
 class LFPConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, propagation, stride, padding, dilation, groups):
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, bias, z)
-        ctx.cfg, ctx.conv = cfg, (stride, padding, dilation, groups)
+        ctx.propagation, ctx.conv = propagation, (stride, padding, dilation, groups)
         return z
 
     @staticmethod
     def backward(ctx, reward):
         x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
         ops = _ConvOps(x, ctx.conv, weight)
-        r_in, f_w, f_b = lfp_backward(ops, x, weight, bias, z, reward, *ctx.cfg, need_input=ctx.needs_input_grad[0])
+        r_in, f_w, f_b = ctx.propagation(ops, x, weight, bias, z, reward, need_input=ctx.needs_input_grad[0])
         return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the rules
 class LayerwiseFeedbackPropagation(Rule):
-    """Shared machinery of the LFP variants; subclasses fix the variant."""
+    """Shared machinery of the LFP variants; each subclass says how a layer propagates
+    (propagation(): an EpsilonPropagation or a SplitPropagation)."""
 
-    variant = "eps"
     feedback_replaces_weight = False
     defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
@@ -408,20 +425,20 @@ class LayerwiseFeedbackPropagation(Rule):
         if o.get("snn", "pass") not in SNN_MODES:
             raise ValueError(f"rule {self.name!r}: snn must be one of {', '.join(SNN_MODES)}, got {o['snn']!r}")
 
-    def config(self) -> tuple:
-        return (self.variant, float(self.options.get("eps", 0.0)), float(self.options.get("alpha", 1.0)),
-                float(self.options.get("beta", 0.0)))
+    def propagation(self):
+        return EpsilonPropagation(float(self.options.get("eps", 0.0)))
 
     def forward(self, layer, x):
         if not torch.is_grad_enabled():
             return layer._bpfree_original_class.forward(layer, x)
-        cfg = self.config()
         if id(layer) in getattr(self, "_feeds_membrane", ()):
-            cfg = ("snn",) + cfg[1:]
+            propagation = EpsilonPropagation(float(self.options.get("eps", 0.0)), normalised=True)
+        else:
+            propagation = self.propagation()
         if isinstance(layer, CONV_LAYERS):
             c = conv2d_call(layer, x)
-            return c.output(LFPConv2dFunction.apply(c.x, c.lift(layer.weight), layer.bias, cfg, *c.args))
-        return LFPLinearFunction.apply(x, layer.weight, layer.bias, cfg)
+            return c.output(LFPConv2dFunction.apply(c.x, c.lift(layer.weight), layer.bias, propagation, *c.args))
+        return LFPLinearFunction.apply(x, layer.weight, layer.bias, propagation)
 
     def _membrane_pairs(self, model: nn.Module, layers) -> set[int]:
         """Option snn "membrane": every LIF must sit right behind a converted Linear/Conv2d (the
@@ -512,7 +529,6 @@ class LFPZero(LayerwiseFeedbackPropagation):
     """LFP-0: the eps rule with eps = 0 (equals -|W| o dL/dW on bias-free ReLU nets, E1)."""
 
     name = "lfp0"
-    variant = "eps"
     defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
 
 
@@ -521,7 +537,6 @@ class LFPEpsilon(LayerwiseFeedbackPropagation):
     """LFP-eps: relevance through each layer by the epsilon rule (the stabiliser keeps z away from 0)."""
 
     name = "lfp_eps"
-    variant = "eps"
     defaults = {"eps": 1e-6, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None,
                 "snn": "pass"}
 
@@ -531,8 +546,10 @@ class LFPAlphaBeta(LayerwiseFeedbackPropagation):
     """LFP-alpha-beta: positive and negative contributions weighted alpha and beta (alpha - beta = 1)."""
 
     name = "lfp_ab"
-    variant = "alpha_beta"
     defaults = {"alpha": 2.0, "beta": 1.0, "reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+
+    def propagation(self):
+        return SplitPropagation(float(self.options["alpha"]), float(self.options["beta"]))
 
     def validate_options(self) -> None:
         super().validate_options()
@@ -547,5 +564,7 @@ class LFPZPlusZMinus(LayerwiseFeedbackPropagation):
     """LFP-z+z-: positive and negative contributions normalised separately (the z+ / z- split)."""
 
     name = "lfp_zpzm"
-    variant = "zplus_zminus"
     defaults = {"reward": "softmax_loss", "reward_scale": "mean", "clip_update_norm": None}
+
+    def propagation(self):
+        return SplitPropagation(0.5, -0.5)
