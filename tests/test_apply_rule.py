@@ -19,7 +19,7 @@ import bpfree
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_tp_dtp_lra.py
 
 
 def module_scan(model):

@@ -17,7 +17,7 @@ from bpfree.diagnostics import alignment_report, angle_degrees, update_gradient_
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_tp_dtp_lra.py
 
 
 def test_angle_degrees_basics():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
-from bpfree.rules.leader_follower import select_leaders, worker_prediction_losses
+from bpfree.rules.lfnn import select_leaders, worker_prediction_losses
 from bpfree.loop import optimisation_step
 
 

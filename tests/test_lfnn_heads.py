@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bpfree
-from bpfree.rules import leader_heads
+from bpfree.rules import lfnn_heads as leader_heads
 from bpfree.loop import optimisation_step
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "lfnn_tf_reference.npz"

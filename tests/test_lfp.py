@@ -56,7 +56,7 @@ def test_lfp_eps_is_not_the_gradient():
 # ----------------------------------------------------------------------------- references
 def reference_messages(x, w, b, reward, variant, eps=1e-6, alpha=2.0, beta=1.0):
     """Per-sample messages R[n, j, i] from output j to input i (bias = input index fan_in),
-    from the equations in bpfree/rules/relevance.py, with explicit contributions."""
+    from the equations in bpfree/rules/lfp.py, with explicit contributions."""
     n, fan_in = x.shape
     z_c = w[None, :, :] * x[:, None, :]                      # (n, out, in)
     if b is not None:
@@ -309,7 +309,7 @@ def test_the_authors_step_can_flip_a_sign():
 def test_split_variants_skip_the_zero_products_behind_a_relu_bit_for_bit(conv):
     """For x >= 0 the z+/z- and alpha-beta messages skip the six products with x- = 0: the
     same values bit for bit as the general path (float64 and float32)."""
-    from bpfree.rules import relevance as R
+    from bpfree.rules import lfp as R
     torch.manual_seed(0)
     for dtype in (torch.float64, torch.float32):
         if conv:
@@ -331,7 +331,7 @@ def test_split_variants_skip_the_zero_products_behind_a_relu_bit_for_bit(conv):
 def test_lfp_skips_the_reward_to_the_data_and_changes_nothing_else(rule, monkeypatch):
     """The first layer's input takes no reward (as autograd skips BP's input gradient), so its
     transposed product is not computed; every parameter's feedback is the same either way."""
-    import bpfree.rules.relevance as R
+    import bpfree.rules.lfp as R
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
     apply_rule(model, rule)

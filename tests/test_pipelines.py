@@ -75,7 +75,7 @@ def test_the_train_stage_depends_on_every_file_a_run_executes():
                if not any(f == c or c in f.parents for c in covered)]
     assert not missing, f"dvc.yaml's train stage lacks {missing}"
     names = {f.relative_to(REPO / "bpfree").as_posix() for f in code_files()}
-    assert {"distributed.py", "rules/relevance.py", "data/checksums.json", "training.py"} <= names
+    assert {"distributed.py", "rules/lfp.py", "data/checksums.json", "training.py"} <= names
     assert not names & {"reporting.py", "claims.py", "plots.py", "cli.py", "catalogue.json"}
 
 

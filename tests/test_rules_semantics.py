@@ -21,7 +21,7 @@ from bpfree.diagnostics import angle_degrees, weight_feedback_angles
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # 2 workers x N intra-op threads on 2 cores is ~5x slower
 
-RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_target_propagation.py
+RULES = bpfree.list_layer_rules()  # block-level rules: tests/test_tp_dtp_lra.py
 
 
 def conv_linear_net() -> nn.Sequential:
@@ -443,7 +443,7 @@ def small_cnn():
 
 
 # The seed summary gives no equations for LFP's alpha-beta and z+z- variants; ours are the
-# standard LRP splits (bpfree/rules/relevance.py). With the reward r = z o (onehot - softmax)
+# standard LRP splits (bpfree/rules/lfp.py). With the reward r = z o (onehot - softmax)
 # their split fractions keep the sign of z, so a unit with z < 0 is pushed the wrong way, and
 # training diverges here. Known and recorded; strict, so a fix shows up as XPASS -> failure.
 SPLIT_LFP = {"lfp_ab", "lfp_zpzm"}

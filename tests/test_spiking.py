@@ -114,7 +114,7 @@ def test_lfp_through_spiking_nets_equals_the_authors_snn_rule():
     loss ce_rate) gives every weight the same feedback, to 1e-9. Passing the reward straight
     through each LIF (snn pass, our default) does not, so the comparison can fail."""
     from bpfree.losses import ce_rate
-    from bpfree.rules.relevance import snn_rate_coded_reward
+    from bpfree.rules.lfp import snn_rate_coded_reward
     ref = torch.load(REFERENCE / "lfprop_snn_1.0.0.pt", weights_only=True)
     beta = float(torch.tensor(0.9, dtype=torch.float32))  # snnTorch's float32 buffer
 

@@ -1,7 +1,7 @@
 """TP, DTP and LRA at block granularity, and FA/WM/KP on the BERT-style encoder.
 
 The float64 references below are written from the equations in the module docstring of
-bpfree/rules/target_propagation.py, without the rule's hooks.
+bpfree/rules/tp_dtp_lra.py, without the rule's hooks.
 """
 import pytest
 import torch
