@@ -861,13 +861,19 @@ def run_configs(params: dict, exp_id: str, profile: str | None = None) -> list[d
     return runs
 
 
+def run_specs(params: dict, exp_id: str, profile: str | None = None) -> list:
+    """run_configs as typed, frozen RunSpecs (bpfree.spec)."""
+    from bpfree.spec import RunSpec
+    return [RunSpec.from_dict(run, f"{exp_id}/{run['run_id']}") for run in run_configs(params, exp_id, profile)]
+
+
 # Fields that do not change what a run computes, so they must not change its hash.
-_HASH_EXCLUDED = ("notes", "deviations", "shortened")
+HASH_EXCLUDED = ("notes", "deviations", "shortened")
 
 
 def config_hash(run: dict, data_hash: str | None = None) -> str:
     """Identity of a run's computation: same hash => its metrics.json can be reused."""
-    payload = {k: v for k, v in run.items() if k not in _HASH_EXCLUDED}
+    payload = {k: v for k, v in run.items() if k not in HASH_EXCLUDED}
     payload["data_hash"] = data_hash
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -168,7 +168,7 @@ def train_one(run: dict, data, device, checkpoint, resume, resume_every: float, 
 def train_experiment(request: TrainRequest, log: Log, leader: bool = True) -> int:
     """Skip, reuse, verify or train every requested run; returns how many differ from their
     committed metrics. Only the leader (rank 0 under torchrun) writes."""
-    from bpfree.config import load_params, resolve_experiment, run_configs
+    from bpfree.config import load_params, resolve_experiment, run_specs
     from bpfree.provenance import atomic_write_json, git_info
 
     git_info()  # pin the commit this process starts from; runs may outlive later commits
@@ -186,7 +186,8 @@ def train_experiment(request: TrainRequest, log: Log, leader: bool = True) -> in
             atomic_write_json(out_dir / NOT_RUN_FILE, {"reason": reason, "profile": request.profile})
             trained.write({})
         return 0
-    runs = run_configs(params, request.experiment, request.profile)
+    # Through the typed schema (bpfree.spec): a key it does not know stops here, before any work.
+    runs = [spec.to_dict() for spec in run_specs(params, request.experiment, request.profile)]
     trained.keep_only({r["run_id"] for r in runs})  # runs the params no longer define
     runs = selected_runs(runs, request)
     for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
