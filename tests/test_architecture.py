@@ -74,3 +74,26 @@ def test_the_checker_sees_a_lazy_import_upward():
                                  "bpfree.rules.probe:2: library imports bpfree.claims.load_claims (report)",
                                  "bpfree.claims:2: report imports stages (entry)",
                                  "bpfree.claims:2: report imports stages.log (entry)"]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(files: dict[str, str], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """module:function (lines) of every function or method longer than `limit` lines."""
+    found = []
+    for module, text in files.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{module}:{node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_reads_longer_than_one_screen():
+    """A function of bpfree/ or stages/ fits on one screen (architecture.md; issue 27)."""
+    files = {module_name(p): p.read_text() for p in sources()}
+    assert not long_functions(files), long_functions(files)
+    probe = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    assert long_functions({"probe": probe}) == ["probe:f (81 lines)"]  # the check can fail
