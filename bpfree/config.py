@@ -636,11 +636,17 @@ def _check_resolved(exp: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- resolution
 class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last).
+
+    Merge keys (`<<: *block`) stay allowed: keys the mapping names itself override the block's,
+    as in plain YAML; only a key written twice by hand is an error.
+    """
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` (a shared block); the mapping's own keys override it
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -649,12 +655,22 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _unshared(tree):
+    """The same tree with no object reachable twice. An alias or a merged block is one shared
+    object in what PyYAML returns, so an edit to one experiment would reach another."""
+    if isinstance(tree, dict):
+        return {k: _unshared(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unshared(v) for v in tree]
+    return tree
+
+
 def load_yaml(path: str | os.PathLike):
     """A YAML file's contents; errors name the file and line (not "<unicode string>")."""
     p = Path(path)
     try:
         with open(p) as fh:  # a named stream: the error marks say 'in "params.yaml", line N'
-            return yaml.load(fh, Loader=UniqueKeyLoader)
+            return _unshared(yaml.load(fh, Loader=UniqueKeyLoader))
     except FileNotFoundError:
         raise ConfigError(str(p), None, "file not found") from None
     except yaml.YAMLError as exc:

@@ -43,10 +43,6 @@ QUEUE_FILE = Path(__file__).with_name("gpu_queue.yaml")
 PARTS = Path("gpu_parts")
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def load_queue(path: Path = QUEUE_FILE) -> list[dict]:
     """The priority list, checked: a typo must not silently drop a run from the queue."""
     import yaml
@@ -172,7 +168,7 @@ def unpack(parts_dir: Path = PARTS, prepared: Path = PREPARED) -> dict[str, list
         (staging / dataset).rename(Path(prepared) / dataset)  # whole or not at all
         staging.rmdir()
         joined.unlink()
-        log(f"unpacked {dataset} into {Path(prepared) / dataset}")
+        print(f"unpacked {dataset} into {Path(prepared) / dataset}", flush=True)
     return missing
 
 
@@ -194,7 +190,7 @@ def run_queue(budget_s: float, out: Path, profile: str = "gpu", queue: list[dict
             done.append({**job, "status": f"skipped: data/prepared/{job['dataset']} is not here (pack and send it)"})
             continue
         if 60 * job["minutes"] > left:
-            log(f"stop: {job['experiment']}/{job['run_id']} needs ~{job['minutes']:g} min, {left:.0f} s left")
+            print(f"stop: {job['experiment']}/{job['run_id']} needs ~{job['minutes']:g} min, {left:.0f} s left", flush=True)
             break
         t0 = time.monotonic()
         argv = [sys.executable, "-m", "stages.train", job["experiment"], "--profile", profile, "--rules", job["rule"],

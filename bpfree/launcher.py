@@ -16,10 +16,6 @@ from bpfree.config import TUNED
 Task = tuple[str, list[str]]  # (name for its log file, `python -m` arguments)
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def tune_tasks(exps: dict[str, dict], profile: str) -> list[Task]:
     """One lr search per (experiment, rule) whose lr is `tuned`."""
     return [(f"tune_{e}_{rule}", ["stages.tune", e, "--profile", profile, "--rules", rule])
@@ -58,7 +54,7 @@ def run_pool(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> li
             if proc.poll() is not None:
                 fh.close()
                 running.remove(item)
-                log(f"  {name}: exit {proc.returncode}")
+                print(f"  {name}: exit {proc.returncode}", flush=True)
                 if proc.returncode:
                     failed.append(name)
     return failed
@@ -92,7 +88,7 @@ def run_submitit(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path, c
                 last_line = (str(exc).strip().splitlines() or [""])[-1]
                 output, error = "", f"{type(exc).__name__}: {last_line}"
             (log_dir / f"{name}.log").write_text(output if error is None else f"{error}\n{job.stderr() or ''}")
-            log(f"  {name}: job {job.job_id} {'ok' if error is None else 'failed: ' + error}")
+            print(f"  {name}: job {job.job_id} {'ok' if error is None else 'failed: ' + error}", flush=True)
             if error is not None:
                 failed.append(name)
     return failed

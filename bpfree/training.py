@@ -410,10 +410,6 @@ def speed_setup(model: nn.Module, images: DeviceSplits, speed: dict, device: tor
     return net, autocast
 
 
-def _finite(v) -> bool:
-    return v is not None and math.isfinite(v)
-
-
 def loss_instability(epochs: list[int], losses: list[float | None]) -> dict:
     """{diverged_epoch, unstable_epoch, peak_ratio} of a run's recorded training losses, per
     the rule above; the reference is the first recorded epoch's loss."""

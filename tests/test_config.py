@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bpfree.config import ConfigError, config_hash, load_params, resolve_experiment, run_configs, validate_params
+from bpfree.config import (ConfigError, config_hash, load_params, load_yaml, resolve_experiment, run_configs,
+                           validate_params)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -299,6 +300,19 @@ def test_yaml_problems_name_the_file_and_line(tmp_path, text, fragments):
     assert "\n" not in msg and "<unicode string>" not in msg
     for fragment in fragments:
         assert fragment in msg, msg
+
+
+def test_merge_keys_share_a_block_and_the_own_keys_win(tmp_path):
+    """params.yaml writes a sibling experiment as `<<: *base` plus what differs."""
+    path = tmp_path / "p.yaml"
+    path.write_text("a: &base {x: 1, y: {z: 2}}\nb:\n  <<: *base\n  x: 3\n")
+    tree = load_yaml(path)
+    assert tree == {"a": {"x": 1, "y": {"z": 2}}, "b": {"x": 3, "y": {"z": 2}}}
+    tree["b"]["y"]["z"] = 9  # an edit to one block must not reach the other
+    assert tree["a"]["y"]["z"] == 2
+    path.write_text("a: &base {x: 1}\nb:\n  <<: *base\n  x: 3\n  x: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'x'"):
+        load_yaml(path)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
