@@ -306,25 +306,47 @@ def test_the_authors_step_can_flip_a_sign():
 
 
 @pytest.mark.parametrize("conv", [False, True])
-def test_split_variants_skip_the_zero_products_behind_a_relu_bit_for_bit(conv):
-    """For x >= 0 the z+/z- and alpha-beta messages skip the six products with x- = 0: the
-    same values bit for bit as the general path (float64 and float32)."""
+@pytest.mark.parametrize("signed", [False, True])
+def test_split_variants_in_two_stacked_products_equal_the_twelve_product_messages(conv, signed):
+    """split_messages_stacked (what training runs: one forward and one backward call of a
+    layer stacked from the sign pieces) gives split_messages' reward to the input, weight
+    share and normalised rewards, in float64 to rounding; for x >= 0 (behind a ReLU) the
+    x- pieces are dropped."""
     from bpfree.rules import lfp as R
     torch.manual_seed(0)
-    for dtype in (torch.float64, torch.float32):
-        if conv:
-            x = torch.relu(torch.randn(4, 3, 8, 8, dtype=dtype))
-            w, b = torch.randn(5, 3, 3, 3, dtype=dtype), torch.randn(5, dtype=dtype)
-            ops, z = R._ConvOps(x, ((1, 1), (1, 1), (1, 1), 1), w), F.conv2d(x, w, b, 1, 1)
-        else:
-            x = torch.relu(torch.randn(6, 7, dtype=dtype))
-            w, b = torch.randn(5, 7, dtype=dtype), torch.randn(5, dtype=dtype)
-            ops, z = R._LinearOps(x), F.linear(x, w, b)
-        reward = torch.randn_like(z)
-        args = (ops, x, R._pos(w), R._neg(w), ops.bias_view(R._pos(b), z), ops.bias_view(R._neg(b), z), reward)
-        for a, beta in ((2.0, 1.0), (0.5, -0.5)):
-            fast, general = R.split_messages_nonnegative(*args, a, beta), R.split_messages(*args, a, beta)
-            assert all(torch.equal(f, g) for f, g in zip(fast, general))
+    dtype = torch.float64
+    if conv:
+        x = torch.randn(4, 3, 8, 8, dtype=dtype)
+        w, b = torch.randn(5, 3, 3, 3, dtype=dtype), torch.randn(5, dtype=dtype)
+    else:
+        x = torch.randn(6, 2, 7, dtype=dtype)  # a sequence layer's leading dims too
+        w, b = torch.randn(5, 7, dtype=dtype), torch.randn(5, dtype=dtype)
+    x = x if signed else torch.relu(x)
+    ops = R._ConvOps(x, ((1, 1), (1, 1), (1, 1), 1), w) if conv else R._LinearOps(x)
+    z = F.conv2d(x, w, b, 1, 1) if conv else F.linear(x, w, b)
+    reward = torch.randn_like(z)
+    args = (ops, x, R._pos(w), R._neg(w), ops.bias_view(R._pos(b), z), ops.bias_view(R._neg(b), z), reward)
+    for a, beta in ((2.0, 1.0), (0.5, -0.5)):
+        stacked, general = R.split_messages_stacked(*args, a, beta), R.split_messages(*args, a, beta)
+        for got, want in zip(stacked, general):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert R.split_messages_stacked(*args, a, beta, need_input=False)[0] is None
+
+
+def test_the_epsilon_division_keeps_its_values_bit_for_bit():
+    """_divide's in-place form gives what r / (z + eps sign z) with sign(0) = +1 gives, and
+    LFP-0's zero for z = 0, to the bit (smoke runs recorded with the old form stay valid)."""
+    from bpfree.rules.lfp import _divide
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        z = torch.randn(1000, dtype=dtype)
+        z[::7] = 0.0
+        r = torch.randn_like(z)
+        want = r / (z + 1e-6 * torch.where(z >= 0, 1.0, -1.0).to(dtype))
+        assert torch.equal(_divide(r, z, 1e-6), want)
+        want0 = torch.where(z != 0, r / torch.where(z != 0, z, torch.ones_like(z)), torch.zeros_like(r))
+        assert torch.equal(_divide(r, z, 0.0), want0)
 
 
 @pytest.mark.parametrize("rule", ["lfp_eps", "lfp_ab"])
@@ -346,10 +368,11 @@ def test_lfp_skips_the_reward_to_the_data_and_changes_nothing_else(rule, monkeyp
         return [p.grad.clone() for p in model.parameters()]
 
     skipped = feedback(x)
-    assert all(shape == (3, 5) for shape in sends) and sends  # only the second layer sends
+    # only the second layer sends (its weight, or lfp_ab's stack of sign pieces, has 5 columns)
+    assert all(shape[1] == 5 for shape in sends) and sends
     sends.clear()
     x_in = x.clone().requires_grad_(True)
     full = feedback(x_in)
-    assert any(shape == (5, 6) for shape in sends) and x_in.grad is not None
+    assert any(shape[1] in (6, 12) for shape in sends) and x_in.grad is not None  # 12: [x+, x-]
     for a, b in zip(skipped, full):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -54,10 +54,11 @@ STABILISER = 1e-6  # added (with the sign) to z+ / z- of the split rules
 
 def _divide(r: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     """s = r / (z + eps sign(z)) with sign(0) := +1; for eps = 0 (LFP-0) a unit with z = 0
-    passes nothing (s = 0) instead of 0/0."""
+    passes nothing (s = 0) instead of 0/0. Written as in-place passes over one buffer: the
+    same values bit for bit as the torch.where form, in half its time."""
     if eps == 0:
-        return torch.where(z != 0, r / torch.where(z != 0, z, torch.ones_like(z)), torch.zeros_like(r))
-    return r / (z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
+        return (r / z).masked_fill_(z == 0, 0.0)
+    return r / (z >= 0).to(z.dtype).mul_(2 * eps).sub_(eps).add_(z)  # +-eps exactly, then + z
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -235,7 +236,10 @@ def _neg(t):
 
 
 class _LinearOps:
-    """The three primitives every variant is built from, for a Linear layer."""
+    """The primitives every variant is built from, for a Linear layer."""
+
+    channel_dim = -1  # where a layer's outputs sit in z
+    pair_dim = -2  # the stacked [z+, z-] pair's axis after splitting the outputs into (2, J)
 
     def __init__(self, x):
         self.x = x
@@ -250,6 +254,10 @@ class _LinearOps:
     def collect(self, s, x):  # sum_n s_nj x_ni, in the weight's shape
         return s.reshape(-1, s.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
+    def send_collect(self, s, w, x, need_input):
+        """(send(s, w) or None, collect(s, x)): both products of one backward step."""
+        return self.send(s, w) if need_input else None, self.collect(s, x)
+
     @staticmethod
     def bias_view(b, like):
         return b
@@ -260,6 +268,9 @@ class _LinearOps:
 
 
 class _ConvOps:
+    channel_dim = 1
+    pair_dim = 1
+
     def __init__(self, x, conv, weight):
         self.x, self.conv, self.weight = x, conv, weight  # conv = (stride, padding, dilation, groups)
 
@@ -277,6 +288,16 @@ class _ConvOps:
 
     def collect(self, s, x):
         return self._backward(s, x, self.weight, [False, True, False])[1]
+
+    def send_collect(self, s, w, x, need_input):
+        """Both products from one convolution_backward call: the same values as two calls
+        (each computes its own output alone), in about half the time on CPU."""
+        grads = self._backward(s, x, w, [need_input, True, False])
+        return grads[0], grads[1]
+
+    @property
+    def groups(self):
+        return self.conv[3]
 
     @staticmethod
     def bias_view(b, like):
@@ -303,16 +324,36 @@ def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=
     return r_in, share, s_pos, s_neg
 
 
-def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
-    """split_messages for x >= 0 (behind a ReLU: every layer but the first). x- is exactly 0,
-    so the six products with it are exact zeros: skipping them halves the work and gives the
-    same values bit for bit (tests/test_lfp.py)."""
-    z_pos = ops.forward(x, w_pos) + b_pos
-    z_neg = ops.forward(x, w_neg) + b_neg
-    s_pos = reward / (z_pos + STABILISER)
-    s_neg = reward / (z_neg - STABILISER)
-    r_in = None if not need_input else a * (x * ops.send(s_pos, w_pos)) - b * (x * ops.send(s_neg, w_neg))
-    share = a * (w_pos * ops.collect(s_pos, x)) - b * (w_neg * ops.collect(s_neg, x))
+def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
+    """split_messages in two products instead of up to twelve. The sign pieces are stacked
+    into one layer with inputs [x+, x-] (x- dropped when x >= 0, as behind a ReLU) and
+    outputs [z+, z-], weights [[w+, w-], [w-, w+]]: one forward gives z+ and z-, and one
+    backward step (with the rows scaled by a and -b) both the reward to the input and the
+    weight shares. The same sums as split_messages in another order, so equal to rounding
+    (tests/test_lfp.py); no activation-sized concatenation but the first layer's [x+, x-]."""
+    signed = bool(x.lt(0).any())
+    if signed:
+        x_in = torch.cat([_pos(x), _neg(x)], ops.channel_dim)
+        w = torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)], 0)
+        w_scaled = torch.cat([a * torch.cat([w_pos, w_neg], 1), -b * torch.cat([w_neg, w_pos], 1)], 0)
+    else:
+        x_in, w, w_scaled = x, torch.cat([w_pos, w_neg], 0), torch.cat([a * w_pos, -b * w_neg], 0)
+    pair = ops.pair_dim  # z+ and z- side by side on this axis: (..., 2, J) or (B, 2, J, H, W)
+    z = ops.forward(x_in, w).unflatten(ops.channel_dim, (2, w_pos.shape[0]))
+    z.select(pair, 0).add_(b_pos + STABILISER)
+    z.select(pair, 1).add_(b_neg - STABILISER)
+    s = reward.unsqueeze(pair) / z
+    sent, collected = ops.send_collect(s.flatten(*sorted((pair, pair + 1))), w_scaled, x_in, need_input)
+    top, bottom = collected.chunk(2, 0)  # s+ and s- against the inputs
+    if signed:
+        (pp, pn), (np_, nn_) = top.chunk(2, 1), bottom.chunk(2, 1)  # [x+, x-] columns
+        share = a * (w_pos * pp + w_neg * pn) - b * (w_pos * nn_ + w_neg * np_)
+        r_in = None if sent is None else (_pos(x) * sent.chunk(2, ops.channel_dim)[0]
+                                          + _neg(x) * sent.chunk(2, ops.channel_dim)[1])
+    else:
+        share = a * (w_pos * top) - b * (w_neg * bottom)
+        r_in = None if sent is None else x * sent
+    s_pos, s_neg = s.unbind(pair)
     return r_in, share, s_pos, s_neg
 
 
@@ -329,8 +370,9 @@ class EpsilonPropagation:
         to the input costs a transposed product per layer; the first layer's input (the data)
         takes none, so it is skipped there (need_input False), as autograd skips BP's."""
         s = reward if self.normalised else _divide(reward, z, self.eps)
-        r_in = x * ops.send(s, weight) if need_input else None
-        f_w = ops.collect(s, x).mul_(weight.abs())  # a fresh product: scaled in place
+        sent, collected = ops.send_collect(s, weight, x, need_input)
+        r_in = None if sent is None else x * sent
+        f_w = collected.mul_(weight.abs())  # a fresh product: scaled in place
         f_b = None if bias is None else bias.abs() * ops.bias_sum(s)
         return r_in, f_w, f_b
 
@@ -348,7 +390,7 @@ class SplitPropagation:
         w_pos, w_neg = _pos(weight), _neg(weight)
         b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), z)
         b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), z)
-        split = split_messages_nonnegative if not bool(x.lt(0).any()) else split_messages
+        split = split_messages_stacked if getattr(ops, "groups", 1) == 1 else split_messages
         r_in, share, s_pos, s_neg = split(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input)
         f_w = torch.sign(weight) * share
         f_b = None
