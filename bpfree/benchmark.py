@@ -212,10 +212,11 @@ def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, re
 # --------------------------------------------------------------------------- peers
 # Our steps against the same step elsewhere, same model, batch and optimiser, interleaved
 # over the repeats: BP against a plain PyTorch loop (what the harness adds), FA against the
-# authors' package biotorch (on its own LeNet-CIFAR). The LFP authors' lfprop pins packages
-# our lock cannot hold, so it is compared in its own environment (tests/reference), not here.
-LFPROP_NOTE = ("lfprop (the LFP authors' package) pins versions our lock does not hold; its step is "
-               "compared in its own environment (tests/reference/lfprop_reference.py), not timed here")
+# authors' package biotorch (on its own LeNet-CIFAR), LFP-eps against the LFP authors' lfprop
+# (on the E2 VGG) where lfprop is importable: its pins conflict with our lock, so that pair is
+# timed when this stage runs in lfprop's own environment (README, 'Speed').
+LFPROP_NOTE = ("lfprop (the LFP authors' package) pins versions our lock does not hold: time it by running "
+               "this stage in lfprop's environment (README, 'Speed')")
 
 
 def _plain_step(model: torch.nn.Module, x, y):
@@ -257,6 +258,48 @@ def _biotorch_lenet_steps(device: torch.device, batch: int):
     return our_step, _plain_step(bio, x, y)
 
 
+def _lfprop_vgg_steps(device: torch.device, batch: int):
+    """(ours, lfprop's) LFP-eps steps on the E2 VGG with the same weights and batch: ours is
+    the trainer's step with the authors' settings (reward per sample, update norm clipped at
+    3.0); theirs is Trainer.lfp_step of the authors' run_experiment.py (c90f1cc, lines
+    144-179): composite context, forward, SoftmaxLossReward, autograd.grad, grad = -feedback,
+    clip_grad_norm_ 3.0, SGD step."""
+    import copy
+    import warnings
+
+    from lfprop.propagation import propagator_lxt
+    from lfprop.rewards import reward_functions
+
+    torch.manual_seed(0)
+    plain = build_model("vgg_cifar", num_classes=10).to(device).train()
+    theirs_model, ours = copy.deepcopy(plain), copy.deepcopy(plain)
+    handle = apply_rule(ours, "lfp_eps", reward_scale="sum", clip_update_norm=3.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, 3, 32, 32), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    our_optimizer = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    their_optimizer = torch.optim.SGD(theirs_model.parameters(), lr=0.1, momentum=0.9)
+    warnings.filterwarnings("ignore", message="This functionality is not yet fully tested")  # lxt, each step
+    composite = propagator_lxt.LFPEpsilonComposite(epsilon=1e-6)
+    criterion = reward_functions.SoftmaxLossReward(device)
+
+    def our_step():
+        optimisation_step(ours, handle, our_optimizer, x, y)
+
+    def their_step():
+        their_optimizer.zero_grad()
+        with composite.context(theirs_model) as modified:
+            inputs = x.detach().requires_grad_(True)
+            outputs = modified(inputs)
+            reward = torch.from_numpy(criterion(outputs, y).detach().cpu().numpy()).to(device)
+            torch.autograd.grad((outputs,), (inputs,), grad_outputs=(reward,), retain_graph=False)
+        for param in theirs_model.parameters():
+            param.grad = -param.feedback
+        torch.nn.utils.clip_grad_norm_(theirs_model.parameters(), 3.0, 2.0)
+        their_optimizer.step()
+    return our_step, their_step
+
+
 def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, batch: int = 64) -> list[dict]:
     """Median step time of ours over the peer's, both timed interleaved in this process."""
     timed = _timer(device)
@@ -275,6 +318,13 @@ def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, bat
         missing = None
     except ImportError as error:
         missing = f"biotorch not installed ({error.name}): pip install --no-deps -r requirements-parity.txt"
+    try:
+        our_lfp, their_lfp = _lfprop_vgg_steps(device, batch)
+        pairs.append((f"lfp_eps vs lfprop {_peer_packages()['lfprop']}'s lfp_step, the E2 VGG", our_lfp, their_lfp,
+                      "lfprop"))
+        lfprop_missing = None
+    except ImportError as error:
+        lfprop_missing = f"{LFPROP_NOTE} ({error.name} not importable here)"
     out = []
     for label, ours, theirs, peer in pairs:
         timed(ours, warmup)
@@ -289,7 +339,8 @@ def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, bat
                     "ratio_max": max(ratios), "batch": batch})
     if missing:
         out.append({"pair": "fa vs biotorch's fa", "peer": "biotorch", "missing": missing})
-    out.append({"pair": "lfp_eps vs lfprop's lfp_step", "peer": "lfprop", "missing": LFPROP_NOTE})
+    if lfprop_missing:
+        out.append({"pair": "lfp_eps vs lfprop's lfp_step", "peer": "lfprop", "missing": lfprop_missing})
     return out
 
 
@@ -322,7 +373,20 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
         "repeats": spec["repeats"], "memory": "CUDA max allocated" if device.type == "cuda"
         else "process RSS after building the rule's model alone and 2 steps (in brackets: what they added)",
         "environment": environment_info(device), "git": git_info(), "cases": results, "peers": peers,
+        "peer_packages": _peer_packages(),
     }
+
+
+def _peer_packages() -> dict[str, str]:
+    """Versions of the authors' packages this process timed against (and lfprop's own pins)."""
+    from importlib import metadata
+    out = {}
+    for name in ("biotorch", "lfprop", "zennit", "lxt"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def _fmt(v, digits=2):
@@ -371,7 +435,9 @@ def render_markdown(records: dict) -> str:
                              f"{_memory(r, record)} | {r.get('extra_work') or ''} |")
             lines.append("")
         if record.get("peers"):
+            packages = ", ".join(f"{k} {v}" for k, v in (record.get("peer_packages") or {}).items())
             lines += ["### Against other implementations of the same step (interleaved; ratio = ours / theirs)", "",
+                      *([f"Peers' packages in this process: {packages}.", ""] if packages else []),
                       "| pair | ours ms | theirs ms | ratio (median) | ratio range over repeats |", "|---|---|---|---|---|"]
             for p in record["peers"]:
                 if "missing" in p:
