@@ -126,7 +126,7 @@ class _PassReward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y):
-        return y.detach().clone()
+        return y.detach()  # y's values under a new node (no copy: nothing here writes to them)
 
     @staticmethod
     def backward(ctx, reward):
@@ -181,21 +181,20 @@ class _ProportionalSum(torch.autograd.Function):
 class _BatchNormReward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, weight, bias, module, eps):
-        dims = [0] + list(range(2, x.dim()))
-        if module.training or not module.track_running_stats:
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if module.training or not module.track_running_stats:  # the batch statistics, in one pass
+            _, mean, inv_sigma = torch.native_batch_norm(x, None, None, None, None, True, 0.0, module.eps)
         else:
-            mean, var = module.running_mean, module.running_var
-        ctx.save_for_backward(x, y, weight, bias, mean, var)
-        ctx.eps, ctx.bn_eps = eps, module.eps
-        return y.detach().clone()
+            mean, inv_sigma = module.running_mean, (module.running_var + module.eps).rsqrt()
+        ctx.save_for_backward(x, y, weight, bias, mean.to(x.dtype), inv_sigma.to(x.dtype))
+        ctx.eps = eps
+        return y.detach().clone()  # a copy: y is saved, and the next op may be an in-place ReLU
 
     @staticmethod
     def backward(ctx, reward):
-        x, y, weight, bias, mean, var = ctx.saved_tensors
+        x, y, weight, bias, mean, inv_sigma = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
-        inv_sigma = (var + ctx.bn_eps).rsqrt().reshape(shape)
+        inv_sigma = inv_sigma.reshape(shape)
         s = _divide(reward, y, ctx.eps)
         gamma = weight.reshape(shape) if weight is not None else 1.0
         r_x = x * gamma * inv_sigma * s
