@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import platform
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -389,6 +391,34 @@ def _peer_packages() -> dict[str, str]:
     return out
 
 
+def record_profile(profile: str, bench_json: Path, bench_md: Path, log=print) -> dict:
+    """The bench stage's work: time `profile` (the gpu one on CUDA, the others on one CPU
+    thread, as their runs train) and replace only its entry in bench_json; bench_md is
+    re-rendered from all entries, so cpu and gpu records sit side by side."""
+    from bpfree.config import ConfigError
+    from bpfree.provenance import atomic_write_json, atomic_write_text
+
+    if profile not in PROFILES:
+        raise ConfigError("profile", profile, "no benchmark preset", list(PROFILES))
+    if profile == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("profile", profile, "the gpu benchmark needs a CUDA device; use smoke or cpu here")
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    log(f"[{profile}] benchmarking on {device}")
+    record = run_benchmark(profile, device, log=log)
+    try:
+        records = json.loads(Path(bench_json).read_text())
+    except (OSError, ValueError):
+        records = {}
+    records[profile] = record
+    atomic_write_json(bench_json, records)
+    atomic_write_text(bench_md, render_markdown(records))
+    return record
+
+
 def _fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -449,5 +479,5 @@ def render_markdown(records: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["CASES", "PROFILES", "Case", "benchmark_case", "make_step", "peak_memory_mb", "render_markdown",
-           "rules_for", "run_benchmark"]
+__all__ = ["CASES", "PROFILES", "Case", "benchmark_case", "make_step", "peak_memory_mb", "record_profile",
+           "render_markdown", "rules_for", "run_benchmark"]

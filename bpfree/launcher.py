@@ -92,3 +92,39 @@ def run_submitit(tasks: list[tuple[str, list[str]]], jobs: int, log_dir: Path, c
             if error is not None:
                 failed.append(name)
     return failed
+
+
+def launch(experiments: list[str], profile: str, jobs: int, log_dir: Path, *, tune: bool = False,
+           train: bool = True, keep_finished: bool = False, engine: str = "processes", cluster: str = "local",
+           resources: dict | None = None, log=print) -> int:
+    """The launch stage's work: check the request before any work, then the lr searches (with
+    `tune`) and the runs, each as one shard; 1 if a shard failed (its log is in log_dir)."""
+    import functools
+
+    from bpfree.config import ConfigError, load_params, resolve_experiment
+
+    if jobs < 1:
+        raise ConfigError("--jobs", jobs, "must be >= 1")
+    if engine == "processes" and (cluster != "local" or (resources or {}).get("slurm_partition")):
+        raise ConfigError("--cluster", cluster, "--cluster and --slurm-partition need --engine submitit")
+    if engine == "submitit":
+        import importlib.util
+        if importlib.util.find_spec("submitit") is None:
+            raise ConfigError("--engine", engine, "needs the submitit package (pip install submitit, "
+                              "or the `cluster` extra)")
+        run = functools.partial(run_submitit, cluster=cluster, resources=resources or {})
+    else:
+        run = run_pool
+    params = load_params()
+    if profile not in params["profiles"]:
+        raise ConfigError("--profile", profile, "unknown profile", list(params["profiles"]))
+    exps = {e: resolve_experiment(params, e, profile) for e in experiments}
+    stages = ([("lr search", tune_tasks(exps, profile))] if tune else []) \
+        + ([("training", train_tasks(exps, profile, keep_finished))] if train else [])
+    for what, tasks in stages:
+        log(f"{what}: {len(tasks)} tasks on {jobs} processes")
+        failed = run(tasks, jobs, log_dir)
+        if failed:
+            log(f"{what} failed for {failed}; see {log_dir}")
+            return 1
+    return 0

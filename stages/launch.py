@@ -17,10 +17,9 @@ logs land in <log-dir>/submitit.
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
-from bpfree.launcher import run_pool, run_submitit, train_tasks, tune_tasks
+from bpfree.launcher import launch
 from stages import entry, log
 
 
@@ -44,44 +43,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cpus-per-task", type=int, default=None)
     parser.add_argument("--mem-gb", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit(f"stages.launch: --jobs must be >= 1, got {args.jobs}")
-    if args.engine == "processes" and (args.cluster != "local" or args.slurm_partition):
-        raise SystemExit("stages.launch: --cluster and --slurm-partition need --engine submitit")
-    if args.engine == "submitit":
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise SystemExit("stages.launch: --engine submitit needs the submitit package "
-                             "(pip install submitit, or the `cluster` extra)") from None
-        resources = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node,
-                     "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
-                     **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})}
-        run = functools.partial(run_submitit, cluster=args.cluster, resources=resources)
-    else:
-        run = run_pool
-
-    from bpfree.config import ConfigError, load_params, resolve_experiment
-
-    params = load_params()
-    if args.profile not in params["profiles"]:
-        raise ConfigError("--profile", args.profile, "unknown profile", list(params["profiles"]))
-    exps = {e: resolve_experiment(params, e, args.profile) for e in args.experiments}
-    if args.tune:
-        tasks = tune_tasks(exps, args.profile)
-        log(f"lr search: {len(tasks)} tasks on {args.jobs} processes")
-        failed = run(tasks, args.jobs, args.log_dir)
-        if failed:
-            log(f"lr search failed for {failed}; see {args.log_dir}")
-            return 1
-    if args.no_train:
-        return 0
-    tasks = train_tasks(exps, args.profile, args.keep_finished)
-    log(f"training: {len(tasks)} runs on {args.jobs} processes")
-    failed = run(tasks, args.jobs, args.log_dir)
-    if failed:
-        log(f"failed: {failed}; see {args.log_dir}")
-    return 1 if failed else 0
+    resources = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_node,
+                 "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
+                 **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})}
+    return launch(args.experiments, args.profile, args.jobs, args.log_dir, tune=args.tune, train=not args.no_train,
+                  keep_finished=args.keep_finished, engine=args.engine, cluster=args.cluster,
+                  resources=resources, log=log)
 
 
 if __name__ == "__main__":

@@ -22,35 +22,18 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from bpfree.config import ConfigError, load_params
-    from bpfree.data import DataError, MissingDataError, list_datasets, prepare_dataset, resolve_data_dir
-    from bpfree.data.checksums import verify_raw_files
-    from bpfree.data.sources import locate_raw
-    from bpfree.provenance import atomic_write_json
+    from bpfree.data import list_datasets, prepare_pinned, resolve_data_dir
 
     params = load_params()  # a bad params.yaml should fail here, before minutes of training
     if args.dataset not in list_datasets():
         raise ConfigError("dataset", args.dataset, "unknown dataset", list_datasets())
     out = args.out or str(PREPARED / args.dataset)
     raw = resolve_data_dir()
-    try:
-        expected = params["data_variants"].get(args.dataset)
-        found = verify_raw_files(args.dataset, locate_raw(args.dataset, raw)).variant
-        if expected is not None and found != expected:
-            raise DataError(f"the raw {args.dataset} files in {raw} are release {found!r}, but params.yaml's "
-                            f"data_variants.{args.dataset} is {expected!r}: set it to {found!r} (DVC then re-runs "
-                            f"everything prepared from it) or point BPFREE_DATA_DIR at the {expected!r} files")
-        manifest = prepare_dataset(args.dataset, out, raw_dir=raw)
-    except MissingDataError as exc:
-        if not args.optional:
-            raise
-        # The recorded message names the data directory by its variable, not this machine's
-        # path: MISSING.json is a DVC output, and dvc.lock must not differ between machines.
-        message = str(exc).replace(f" (from BPFREE_DATA_DIR={raw})", "")
-        message = message.replace(str(raw.resolve()), "$BPFREE_DATA_DIR").replace(str(raw), "$BPFREE_DATA_DIR")
-        atomic_write_json(Path(out) / MISSING_FILE, {"dataset": args.dataset, "message": message})
+    manifest = prepare_pinned(args.dataset, out, raw, params["data_variants"].get(args.dataset), args.optional)
+    if "missing" in manifest:
         log(f"{args.dataset}: not available ({Path(out) / MISSING_FILE}); its experiments show NOT RUN")
-        return 0
-    log(f"prepared {args.dataset} (variant {manifest.get('variant')}) from {raw} -> {out}")
+    else:
+        log(f"prepared {args.dataset} (variant {manifest.get('variant')}) from {raw} -> {out}")
     return 0
 
 

@@ -106,13 +106,15 @@ def test_launcher_runs_the_same_shards_as_submitit_jobs_in_its_local_mode(workdi
     bp = json.loads((runs / "bp_seed1" / "metrics.json").read_text())
     assert bp["config"]["optimizer"]["lr"] == 0.5 and bp["status"] == "OK" and bp["config_hash"]
     assert (logs / "train_A2_mnist_mlp_fa_2.log").is_file() and any((logs / "submitit").iterdir())
-    failed = launch.run_submitit([("broken", ["stages.no_such_stage"])], 1, logs, "local", {"timeout_min": 5})
+    from bpfree.launcher import run_submitit
+    failed = run_submitit([("broken", ["stages.no_such_stage"])], 1, logs, "local", {"timeout_min": 5})
     assert failed == ["broken"] and "FailedJobError" in (logs / "broken.log").read_text()
 
 
 def test_launcher_rejects_cluster_flags_without_submitit(workdir):
     import stages.launch as launch
-    with pytest.raises(SystemExit, match="need --engine submitit"):
+    from bpfree.config import ConfigError
+    with pytest.raises(ConfigError, match="need --engine submitit"):
         launch.main(["A2_mnist_mlp", "--profile", "smoke", "--cluster", "slurm"])
-    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
+    with pytest.raises(ConfigError, match="--jobs.*must be >= 1"):
         launch.main(["A2_mnist_mlp", "--profile", "smoke", "--jobs", "0"])

@@ -20,6 +20,7 @@ from bpfree.data.prepared import (
     load_prepared_data,
     load_prepared_text,
     prepare_dataset,
+    prepare_pinned,
     read_manifest,
     resolve_prepared_dir,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "locate_raw",
     "noisy_subset",
     "prepare_dataset",
+    "prepare_pinned",
     "read_manifest",
     "resolve_data_dir",
     "resolve_prepared_dir",

@@ -135,6 +135,34 @@ def prepare_dataset(name: str, out_dir: Path | str, raw_dir: Path | str | None =
     return manifest
 
 
+def prepare_pinned(name: str, out_dir: Path | str, raw_dir: Path, expected_variant: str | None,
+                   optional: bool = False) -> dict:
+    """The prepare stage's work: prepare_dataset, once the raw files are shown to be the
+    release params.yaml pins (another release stops here, with what to do). With `optional`,
+    absent raw files are recorded in out_dir/MISSING.json ({"dataset", "message"}) instead
+    of raising, so the experiments needing them show NOT RUN; returns {"missing": message}
+    then, else the manifest."""
+    from bpfree.data.errors import MissingDataError
+    from bpfree.layout import MISSING_FILE
+    from bpfree.provenance import atomic_write_json
+    try:
+        found = verify_raw_files(name, locate_raw(name, raw_dir)).variant
+        if expected_variant is not None and found != expected_variant:
+            raise DataError(f"the raw {name} files in {raw_dir} are release {found!r}, but params.yaml's "
+                            f"data_variants.{name} is {expected_variant!r}: set it to {found!r} (DVC then re-runs "
+                            f"everything prepared from it) or point BPFREE_DATA_DIR at the {expected_variant!r} files")
+        return prepare_dataset(name, out_dir, raw_dir=raw_dir)
+    except MissingDataError as exc:
+        if not optional:
+            raise
+        # The recorded message names the data directory by its variable, not this machine's
+        # path: MISSING.json is a DVC output, and dvc.lock must not differ between machines.
+        message = str(exc).replace(f" (from BPFREE_DATA_DIR={raw_dir})", "")
+        message = message.replace(str(raw_dir.resolve()), "$BPFREE_DATA_DIR").replace(str(raw_dir), "$BPFREE_DATA_DIR")
+        atomic_write_json(Path(out_dir) / MISSING_FILE, {"dataset": name, "message": message})
+        return {"missing": message}
+
+
 def _write_images(data: ImageArrays, out_dir: Path) -> dict:
     num_classes = len(data.class_names)
     splits = {}
