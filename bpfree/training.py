@@ -805,6 +805,7 @@ def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict
     handle.remove()
     selected = _select(history, run["selection"])
     curves = None
+    epochs_completed = history[-1]["epoch"] if history else 0  # the history may be cut below
     if int(run.get("log_every", 1)) > 1:
         # Long runs: every logged epoch goes into compact columns instead of one dict each.
         curves = to_curves(history, diagnostics)
@@ -820,7 +821,7 @@ def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict
         sizes={"train": len(images.y_train), "val": len(images.y_val), "test": len(images.y_test)},
         wall_time_s=resume.elapsed(), determinism=task.determinism, train_data_draw=images.draw,
         mean_step_ms=step_ms, converted_layers=counts, diagnostics=diagnostics, checkpoint=checkpoint,
-        protocol=protocol)
+        protocol=protocol, epochs_completed=epochs_completed)
 
 
 # The modules a run starts from; everything they import from bpfree is found by reading them.

@@ -181,6 +181,7 @@ def test_full_batch_run_logs_curves_every_five_epochs(mnist):
     assert set(curves) >= {"weight_feedback_angle_deg/classifier", "update_gradient_angle_deg/fc1",
                            "test_loss", "train_loss"}
     assert len(m["history"]) == 1 and m["history"][0]["epoch"] == 12
+    assert m["epochs_completed"] == 12  # not the length of the cut history (it said 1)
     assert m["selected_test_acc"] == m["history"][0]["test_acc"]
     assert m["train_data_draw"] == {"kind": "noisy_subset", "seed": 0, "flipped": 60}
 
