@@ -322,7 +322,7 @@ def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, bat
         missing = f"biotorch not installed ({error.name}): pip install --no-deps -r requirements-parity.txt"
     try:
         our_lfp, their_lfp = _lfprop_vgg_steps(device, batch)
-        pairs.append((f"lfp_eps vs lfprop {_peer_packages()['lfprop']}'s lfp_step, the E2 VGG", our_lfp, their_lfp,
+        pairs.append((f"lfp_eps vs lfprop {_peer_packages().get('lfprop', '?')}'s lfp_step, the E2 VGG", our_lfp, their_lfp,
                       "lfprop"))
         lfprop_missing = None
     except ImportError as error:

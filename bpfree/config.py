@@ -642,17 +642,28 @@ class UniqueKeyLoader(yaml.SafeLoader):
     as in plain YAML; only a key written twice by hand is an error.
     """
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` (a shared block); the mapping's own keys override it
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (YAML would silently keep the last one)", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node):
+        self._refuse_duplicate_keys(node, set())  # on the written tree, before merges flatten it
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node, visited: set) -> None:
+        if id(node) in visited:  # an alias: checked where its anchor is
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                if key_node.tag != "tag:yaml.org,2002:merge":  # `<<: *block`: own keys override it
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (YAML would silently keep the last one)",
+                            key_node.start_mark)
+                    seen.add(key)
+                self._refuse_duplicate_keys(value_node, visited)
+        elif isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                self._refuse_duplicate_keys(child, visited)
 
 
 def _unshared(tree):

@@ -106,7 +106,7 @@ def launch(experiments: list[str], profile: str, jobs: int, log_dir: Path, *, tu
     if jobs < 1:
         raise ConfigError("--jobs", jobs, "must be >= 1")
     if engine == "processes" and (cluster != "local" or (resources or {}).get("slurm_partition")):
-        raise ConfigError("--cluster", cluster, "--cluster and --slurm-partition need --engine submitit")
+        raise ConfigError("--engine", engine, "--cluster and --slurm-partition need --engine submitit")
     if engine == "submitit":
         import importlib.util
         if importlib.util.find_spec("submitit") is None:
@@ -119,10 +119,10 @@ def launch(experiments: list[str], profile: str, jobs: int, log_dir: Path, *, tu
     if profile not in params["profiles"]:
         raise ConfigError("--profile", profile, "unknown profile", list(params["profiles"]))
     exps = {e: resolve_experiment(params, e, profile) for e in experiments}
-    stages = ([("lr search", tune_tasks(exps, profile))] if tune else []) \
-        + ([("training", train_tasks(exps, profile, keep_finished))] if train else [])
-    for what, tasks in stages:
-        log(f"{what}: {len(tasks)} tasks on {jobs} processes")
+    stages = ([("lr search", "tasks", tune_tasks(exps, profile))] if tune else []) \
+        + ([("training", "runs", train_tasks(exps, profile, keep_finished))] if train else [])
+    for what, unit, tasks in stages:
+        log(f"{what}: {len(tasks)} {unit} on {jobs} processes")
         failed = run(tasks, jobs, log_dir)
         if failed:
             log(f"{what} failed for {failed}; see {log_dir}")

@@ -805,7 +805,8 @@ def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict
     handle.remove()
     selected = _select(history, run["selection"])
     curves = None
-    epochs_completed = history[-1]["epoch"] if history else 0  # the history may be cut below
+    # Trained and evaluated epochs (a diverged epoch is neither); the history may be cut below.
+    epochs_completed = task.epochs if outcome.diverged is None else outcome.diverged.epoch - 1
     if int(run.get("log_every", 1)) > 1:
         # Long runs: every logged epoch goes into compact columns instead of one dict each.
         curves = to_curves(history, diagnostics)

@@ -313,6 +313,12 @@ def test_merge_keys_share_a_block_and_the_own_keys_win(tmp_path):
     path.write_text("a: &base {x: 1}\nb:\n  <<: *base\n  x: 3\n  x: 4\n")
     with pytest.raises(ConfigError, match="duplicate key 'x'"):
         load_yaml(path)
+    # a block that itself merges and overrides, merged before it is read: still valid YAML
+    path.write_text("x: {deep: {a: &a {<<: &b {k: 1}, k: 2}}}\ny: {<<: *a}\n")
+    assert load_yaml(path) == {"x": {"deep": {"a": {"k": 2}}}, "y": {"k": 2}}
+    path.write_text("a: [{k: 1, k: 2}]\n")  # inside a list too
+    with pytest.raises(ConfigError, match="duplicate key 'k'"):
+        load_yaml(path)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])

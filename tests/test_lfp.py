@@ -376,3 +376,23 @@ def test_lfp_skips_the_reward_to_the_data_and_changes_nothing_else(rule, monkeyp
     assert any(shape[1] in (6, 12) for shape in sends) and x_in.grad is not None  # 12: [x+, x-]
     for a, b in zip(skipped, full):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lfp_allows_in_place_ops_after_an_activation():
+    """The pass-through hands on a copy: an in-place op on an activation's output (a residual
+    `out += skip`, an in-place dropout) must not trip the activation's own saved output."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            h += 1.0
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    net = Net()
+    apply_rule(net, "lfp_eps")
+    torch.nn.functional.cross_entropy(net(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

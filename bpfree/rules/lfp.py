@@ -126,7 +126,7 @@ class _PassReward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y):
-        return y.detach()  # y's values under a new node (no copy: nothing here writes to them)
+        return y.detach().clone()  # a copy: the activation's own node keeps y for its backward
 
     @staticmethod
     def backward(ctx, reward):
@@ -185,7 +185,7 @@ class _BatchNormReward(torch.autograd.Function):
             _, mean, inv_sigma = torch.native_batch_norm(x, None, None, None, None, True, 0.0, module.eps)
         else:
             mean, inv_sigma = module.running_mean, (module.running_var + module.eps).rsqrt()
-        ctx.save_for_backward(x, y, weight, bias, mean.to(x.dtype), inv_sigma.to(x.dtype))
+        ctx.save_for_backward(x, y, weight, bias, mean, inv_sigma)  # fp32 statistics, as before for running ones
         ctx.eps = eps
         return y.detach().clone()  # a copy: y is saved, and the next op may be an in-place ReLU
 
