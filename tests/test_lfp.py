@@ -306,6 +306,28 @@ def test_the_authors_step_can_flip_a_sign():
 
 
 @pytest.mark.parametrize("conv", [False, True])
+def test_split_variants_skip_the_zero_products_behind_a_relu_bit_for_bit(conv):
+    """For x >= 0 the z+/z- and alpha-beta messages skip the six products with x- = 0: the
+    same values bit for bit as the general path (float64 and float32)."""
+    from bpfree.rules import lfp as R
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        if conv:
+            x = torch.relu(torch.randn(4, 3, 8, 8, dtype=dtype))
+            w, b = torch.randn(5, 3, 3, 3, dtype=dtype), torch.randn(5, dtype=dtype)
+            ops, z = R._ConvOps(x, ((1, 1), (1, 1), (1, 1), 1), w), F.conv2d(x, w, b, 1, 1)
+        else:
+            x = torch.relu(torch.randn(6, 7, dtype=dtype))
+            w, b = torch.randn(5, 7, dtype=dtype), torch.randn(5, dtype=dtype)
+            ops, z = R._LinearOps(x), F.linear(x, w, b)
+        reward = torch.randn_like(z)
+        args = (ops, x, R._pos(w), R._neg(w), ops.bias_view(R._pos(b), z), ops.bias_view(R._neg(b), z), reward)
+        for a, beta in ((2.0, 1.0), (0.5, -0.5)):
+            fast, general = R.split_messages_nonnegative(*args, a, beta), R.split_messages(*args, a, beta)
+            assert all(torch.equal(f, g) for f, g in zip(fast, general))
+
+
+@pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("signed", [False, True])
 def test_split_variants_in_two_stacked_products_equal_the_twelve_product_messages(conv, signed):
     """split_messages_stacked (what training runs: one forward and one backward call of a
