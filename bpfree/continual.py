@@ -16,10 +16,11 @@ import torch
 
 from bpfree.data import split_mnist_tasks, task_subset, train_val_split
 from bpfree.losses import loss_function
-from bpfree.loop import LOADER_DEFAULTS, PER_BATCH_SCHEDULES, Batches, Callback, EpochStats, Trainee, fit
+from bpfree.loop import PER_BATCH_SCHEDULES, Batches, Callback, EpochStats, Trainee, fit
 from bpfree.models import build_model
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
+from bpfree.spec import RunSpec, as_run_spec, or_default
 from bpfree.training import (DeviceSplits, build_optimizer, build_scheduler, evaluate_split, normalisation,
                              parameter_groups, resize_images, seed_everything, set_determinism)
 
@@ -41,11 +42,9 @@ def task_images(data, classes, seed: int, device, resize: int | None = None) -> 
                         {"classes": list(classes)})
 
 
-def task_generators(run: dict, seed: int, device) -> tuple[torch.Generator, torch.Generator | None]:
+def task_generators(run: RunSpec, seed: int, device) -> tuple[torch.Generator, torch.Generator | None]:
     """Batch-order and augmentation generators, drawn once per run so tasks share the streams."""
-    crop = int(run["preprocess"].get("crop_padding", 0) or 0)
-    flip = bool(run["preprocess"].get("flip", False))
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop or flip else None
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if run.preprocess.augments else None
     return torch.Generator().manual_seed(seed), augment_gen
 
 
@@ -63,18 +62,16 @@ class _LastEpochValidation(Callback):
                                  "train_loss": stats.train_loss, "val_acc": val_acc})
 
 
-def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augment_gen, *, task: int,
+def train_task(model, handle, images: DeviceSplits, run: RunSpec, order_gen, augment_gen, *, task: int,
                epochs: int | None = None) -> tuple[list[dict], dict | None]:
     """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
-    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])  # fresh per task
-    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
-    batches = Batches(images, int(run["batch_size"]), order_gen, augment_gen,
-                      int(run["preprocess"].get("crop_padding", 0) or 0), bool(run["preprocess"].get("flip", False)),
-                      loader["shuffle"], loader["drop_last"])
-    epochs = int(run["epochs"] if epochs is None else epochs)
-    scheduler = build_scheduler(optimizer, run["schedule"], batches.steps, epochs)
-    trainee = Trainee(model, handle, optimizer, scheduler, run["schedule"]["name"] in PER_BATCH_SCHEDULES,
-                      run["optimizer"].get("clip_grad_norm"), loss_function(run.get("loss")))
+    optimizer = build_optimizer(parameter_groups(model, run.optimizer), run.optimizer)  # fresh per task
+    batches = Batches(images, int(run.batch_size), order_gen, augment_gen, run.preprocess.crop,
+                      bool(run.preprocess.flip), *run.batch_order)
+    epochs = int(run.epochs if epochs is None else epochs)
+    scheduler = build_scheduler(optimizer, run.schedule, batches.steps, epochs)
+    trainee = Trainee(model, handle, optimizer, scheduler, run.schedule.name in PER_BATCH_SCHEDULES,
+                      run.optimizer.clip, loss_function(or_default(run.loss, None)))
     validation = _LastEpochValidation(model, images, task, epochs)
     outcome = fit(trainee, batches, epochs, callbacks=[validation])
     if outcome.diverged is not None:
@@ -83,23 +80,22 @@ def train_task(model, handle, images: DeviceSplits, run: dict, order_gen, augmen
     return validation.history, None
 
 
-def train_continual(run: dict, data, device, *, log=None) -> dict:
+def train_continual(run: RunSpec | dict, data, device, *, log=None) -> dict:
     """Train one (rule, seed) run through the task sequence; returns its metrics dict."""
     wall0 = time.perf_counter()
     device = torch.device(device)
-    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
-    seed = int(run["seed"])
-    spec = run["continual"]
+    run = as_run_spec(run)
+    determinism = set_determinism(run.threads, run.deterministic_kernels)
+    seed = int(run.seed)
+    spec = run.continual
     tasks = split_mnist_tasks(seed, num_classes=int(data.num_classes), num_tasks=spec["tasks"]) \
         if spec["classes_per_task"] == 2 else None
     if tasks is None:
         raise ValueError("only tasks of 2 classes are implemented (Split-MNIST)")
-    resize = run["preprocess"].get("resize")
-    per_task = [task_images(data, classes, seed, device, resize) for classes in tasks]
+    per_task = [task_images(data, classes, seed, device, run.preprocess.resize) for classes in tasks]
     seed_everything(seed)
-    model = build_model(run["model"]["name"], num_classes=spec["classes_per_task"],
-                        **run["model"]["options"]).to(device)
-    handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
+    model = build_model(run.model.name, num_classes=spec["classes_per_task"], **run.model.options).to(device)
+    handle = apply_rule(model, run.rule.name, **run.rule.options)
     order_gen, augment_gen = task_generators(run, seed, device)
     matrix: list[list[float]] = []  # matrix[i][t]: test accuracy on task t after learning task i
     history, status, diverged = [], STATUS_OK, None
@@ -125,7 +121,7 @@ def train_continual(run: dict, data, device, *, log=None) -> dict:
         for t in range(len(tasks) - 1):
             scalars[f"task_drop_pct/{t + 1}"] = last[t] - matrix[t][t]
     return RunRecord(
-        run=run, status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
+        run=run.to_dict(), status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
         sizes={"tasks": [{"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)} for t in per_task]},
         wall_time_s=time.perf_counter() - wall0, determinism=determinism, converted_layers=counts,
         protocol={"tasks": [list(t) for t in tasks], "task_accuracy": matrix, "scalars": scalars},

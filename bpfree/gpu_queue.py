@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -229,3 +230,47 @@ def land(returned: Path, profile: str = "gpu", results: Path = RESULTS, prepared
         shutil.copytree(metrics_path.parent, target)
         landed.append(f"{exp_id}/{run_id}")
     return landed, left
+
+
+def add_commands(parser) -> None:
+    """The queue's five commands and their options, for stages.gpu_queue."""
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="the pending runs, most valuable first")
+    p.add_argument("--profile", default="gpu")
+    p = sub.add_parser("pack", help="split prepared datasets into parts of at most --part-mib MiB")
+    p.add_argument("datasets", nargs="+")
+    p.add_argument("--part-mib", type=float, default=60.0)
+    p.add_argument("--out", default=str(PARTS))
+    p = sub.add_parser("unpack", help="join the datasets whose parts have all arrived")
+    p.add_argument("--parts", default=str(PARTS))
+    p = sub.add_parser("run", help="train the top pending runs that fit --budget-s, copying each to --out")
+    p.add_argument("--budget-s", type=float, required=True)
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    p.add_argument("--profile", default="gpu")
+    p = sub.add_parser("land", help="copy returned runs the current params define into results/")
+    p.add_argument("returned")
+    p.add_argument("--profile", default="gpu")
+
+
+def run_command(args):
+    """Carry out one parsed command, yielding the lines it reports."""
+    if args.command == "plan":
+        jobs = pending(args.profile)
+        for j in jobs:
+            flag = "" if j["data"] else f"  [needs data/prepared/{j['dataset']}]"
+            yield f"{j['experiment']}/{j['run_id']}  ~{j['minutes']:g} min  {j['why']}{flag}"
+        yield f"{len(jobs)} pending gpu runs, ~{sum(j['minutes'] for j in jobs) / 60:.1f} h on one H100"
+    elif args.command == "pack":
+        for dataset in args.datasets:
+            yield f"{dataset}: {len(pack(dataset, Path(args.out), args.part_mib)['parts'])} part(s) under {args.out}"
+    elif args.command == "unpack":
+        for dataset, absent in unpack(Path(args.parts)).items():
+            yield f"{dataset}: waiting for {', '.join(absent)}"
+    elif args.command == "run":
+        for r in run_queue(args.budget_s, Path(args.out), args.profile):
+            yield f"{r['experiment']}/{r['run_id']}: {r['status']}"
+    else:
+        landed, left = land(Path(args.returned), args.profile)
+        yield f"landed {len(landed)} run(s); left {len(left)} the current params do not define: {', '.join(left) or '-'}"
+        if landed:
+            yield f"next: python -m stages.evaluate --profile {args.profile}, then dvc repro (tables)"

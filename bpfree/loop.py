@@ -22,10 +22,6 @@ from bpfree import distributed
 from bpfree.losses import LossFn
 
 PER_BATCH_SCHEDULES = ("onecycle",)
-# How an epoch walks the training set, as torch's DataLoader names it. Akrout et al.'s code
-# reads MNIST in file order and never sees the last partial batch (FCNN_BP.py:103-106, 125).
-LOADER_DEFAULTS = {"shuffle": True, "drop_last": False}
-
 # A run has DIVERGED from the first epoch whose mean training loss is non-finite, exceeds
 # DIVERGENCE_FACTOR times its first epoch's, or exceeds LOSS_BOUND nats (every training loss
 # here is a cross-entropy: ln 10 = 2.3 at a uniform guess, so 100 nats means the true class

@@ -22,6 +22,7 @@ from typing import Callable
 
 from bpfree.config import ConfigError
 from bpfree.layout import LAYOUT, MISSING_FILE, NOT_RUN_FILE, TRAINED_FILE, Layout
+from bpfree.spec import RunSpec
 
 Log = Callable[[str], None]
 
@@ -39,6 +40,36 @@ class TrainRequest:
     reuse: bool = False
     layout: Layout = LAYOUT
 
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """The request's command-line options (stages.train, the launcher's shards)."""
+        parser.add_argument("experiment")
+        parser.add_argument("--profile", default=None, help="default: params.yaml's profile")
+        parser.add_argument("--rules", nargs="*", help="only these rules (to shard runs over processes)")
+        parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+        parser.add_argument("--resume-every", type=float, default=30.0, metavar="SECONDS",
+                            help="save a run's state after an epoch once this long has passed since the "
+                                 "last save (0: after every epoch); a killed run continues from it")
+        parser.add_argument("--force", action="store_true",
+                            help="re-train every run and write its metrics, even where committed metrics "
+                                 "with the same config and code hash exist")
+        parser.add_argument("--reuse", "--keep-finished", action="store_true",
+                            default=os.environ.get("BPFREE_REUSE") == "1",
+                            help="trust committed metrics whose config hash matches, without re-training "
+                                 "them on this machine, even if the code changed since (they keep their own "
+                                 "commit and code hash); for reusing published results or continuing a long "
+                                 "sweep across commits (also: BPFREE_REUSE=1)")
+        parser.add_argument("--results", default=str(LAYOUT.results), help="results root (default: results)")
+        parser.add_argument("--checkpoints", default=str(LAYOUT.checkpoints_root),
+                            help="checkpoints root (default: checkpoints)")
+
+    @classmethod
+    def from_arguments(cls, args) -> "TrainRequest":
+        from bpfree.config import DEFAULT_PROFILE
+        layout = Layout(Path(args.results), Path(args.checkpoints), LAYOUT.prepared_root)
+        return cls(args.experiment, args.profile or DEFAULT_PROFILE, tuple(args.rules or ()),
+                   tuple(args.seeds or ()), args.resume_every, args.force, args.reuse, layout)
+
 
 def read_metrics(path) -> dict | None:
     try:
@@ -49,9 +80,9 @@ def read_metrics(path) -> dict | None:
         return None  # absent or unreadable: run it again
 
 
-def resume_path(ckpt_dir: Path, run: dict) -> Path:
+def resume_path(ckpt_dir: Path, run: RunSpec) -> Path:
     """Where a run's per-epoch state lives until its metrics.json is written."""
-    return ckpt_dir / f"{run['run_id']}.resume.pt"
+    return ckpt_dir / f"{run.run_id}.resume.pt"
 
 
 class Trained:
@@ -132,19 +163,19 @@ def not_run_reason(exp: dict, request: TrainRequest, log: Log) -> str | None:
     return None
 
 
-def selected_runs(runs: list[dict], request: TrainRequest) -> list[dict]:
+def selected_runs(runs: list[RunSpec], request: TrainRequest) -> list[RunSpec]:
     """The request's runs (its rules and seeds of the experiment), or a one-line ConfigError."""
     if request.rules:
-        names = sorted({r["rule"]["name"] for r in runs})
+        names = sorted({r.rule.name for r in runs})
         unknown = sorted(set(request.rules) - set(names))
         if unknown:
             raise ConfigError("--rules", unknown, f"not rules of {request.experiment}", names)
-        runs = [r for r in runs if r["rule"]["name"] in request.rules]
+        runs = [r for r in runs if r.rule.name in request.rules]
     if request.seeds:
-        runs = [r for r in runs if r["seed"] in request.seeds]
+        runs = [r for r in runs if r.seed in request.seeds]
     if not runs:
         raise ConfigError("--seeds", list(request.seeds), f"no run of {request.experiment} matches")
-    if runs[0]["device"] == "cuda":
+    if runs[0].device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ConfigError(f"profiles.{request.profile}.{request.experiment}.device", "cuda",
@@ -152,14 +183,14 @@ def selected_runs(runs: list[dict], request: TrainRequest) -> list[dict]:
     return runs
 
 
-def train_one(run: dict, data, device, checkpoint, resume, resume_every: float, log: Log, progress: bool) -> dict:
+def train_one(run: RunSpec, data, device, checkpoint, resume, resume_every: float, log: Log, progress: bool) -> dict:
     """One run through its protocol: a task sequence, transfer, or a single task."""
     from bpfree.continual import train_continual
     from bpfree.training import train_run
     from bpfree.transfer import train_transfer
-    if run.get("continual"):
+    if run.protocol == "continual":
         return train_continual(run, data, device, log=log)
-    if run.get("transfer"):
+    if run.protocol == "transfer":
         return train_transfer(run, data, device, log=log)
     return train_run(run, data, device, checkpoint_path=checkpoint, resume_path=resume,
                      resume_every_s=resume_every, log=log, progress=progress)
@@ -187,8 +218,8 @@ def train_experiment(request: TrainRequest, log: Log, leader: bool = True) -> in
             trained.write({})
         return 0
     # Through the typed schema (bpfree.spec): a key it does not know stops here, before any work.
-    runs = [spec.to_dict() for spec in run_specs(params, request.experiment, request.profile)]
-    trained.keep_only({r["run_id"] for r in runs})  # runs the params no longer define
+    runs = run_specs(params, request.experiment, request.profile)
+    trained.keep_only({r.run_id for r in runs})  # runs the params no longer define
     runs = selected_runs(runs, request)
     for folder in (out_dir, ckpt_dir):  # before minutes of training, not after them
         ensure_writable(folder)
@@ -202,8 +233,8 @@ def _train_runs(runs, request: TrainRequest, out_dir: Path, ckpt_dir: Path, trai
     from bpfree.record import data_hash
     from bpfree.training import code_hash, preflight, select_device
 
-    device = select_device(runs[0]["device"])
-    data = load_prepared_data(str(request.layout.prepared(runs[0]["dataset"])), device)
+    device = select_device(runs[0].device)
+    data = load_prepared_data(str(request.layout.prepared(runs[0].dataset)), device)
     preflight(runs, data, device)  # every run's sizes, model and rule, before any of them trains
     for folder in (out_dir, ckpt_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -224,15 +255,15 @@ def _train_runs(runs, request: TrainRequest, out_dir: Path, ckpt_dir: Path, trai
     return differ
 
 
-def _one_run(run, data, device, hashes, request: TrainRequest, out_dir: Path, ckpt_dir: Path,
+def _one_run(run: RunSpec, data, device, hashes, request: TrainRequest, out_dir: Path, ckpt_dir: Path,
              trained: Trained, log: Log, leader: bool) -> int:
     """Skip, reuse, verify or train one run; 1 if it differs from its committed metrics."""
     from bpfree.config import config_hash
     from bpfree.provenance import atomic_write_json
 
     dhash, chash_code = hashes
-    chash = config_hash(run, dhash)
-    run_id = run["run_id"]
+    chash = config_hash(run.hash_payload(), dhash)
+    run_id = run.run_id
     metrics_path = out_dir / run_id / "metrics.json"
     committed = read_metrics(metrics_path)
     old_config, old_code = (committed or {}).get("config_hash"), (committed or {}).get("code_hash")

@@ -8,7 +8,9 @@ bpfree.config.config_hash has always hashed, so no committed result goes stale
 (tests/test_spec.py round-trips every run of every profile).
 
 Keys a run does not set stay absent (ABSENT), not None: the hashed dict of an experiment
-that never used a key must not change when the schema learns it.
+that never used a key must not change when the schema learns it. What an absent key means
+(no clipping, one log per epoch, the default batch order) is said once, by the properties
+below, which the trainer reads instead of the raw fields.
 """
 from __future__ import annotations
 
@@ -79,15 +81,31 @@ class RuleSpec(_Spec):
     options: dict
 
 
+def or_default(value, default):
+    """A field's value, or `default` where the run leaves it out (ABSENT; None stays None)."""
+    return default if value is ABSENT else value
+
+
 @dataclass(frozen=True)
 class OptimizerSpec(_Spec):
     name: str
     lr: float
-    momentum: float
-    weight_decay: float
-    nesterov: bool
+    momentum: float = _opt()
+    weight_decay: float = _opt()
+    nesterov: bool = _opt()
     bias_lr_scale: float = _opt()
     clip_grad_norm: float = _opt()
+
+    @property
+    def clip(self) -> float | None:
+        """The gradient-norm bound, None for no clipping."""
+        return or_default(self.clip_grad_norm, None)
+
+    @property
+    def bias_scale(self) -> float:
+        """Biases' lr over the weights' (Akrout's reference code steps biases by the batch mean)."""
+        scale = or_default(self.bias_lr_scale, None)
+        return 1.0 if scale is None else scale
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,16 @@ class PreprocessSpec(_Spec):
     mean: list = _opt()
     std: list = _opt()
 
+    @property
+    def crop(self) -> int:
+        """Padding of the random crop, 0 for none."""
+        return int(self.crop_padding or 0)
+
+    @property
+    def augments(self) -> bool:
+        """Whether batches are augmented (a random crop or flip), so an augmentation stream is drawn."""
+        return bool(self.crop or self.flip)
+
 
 @dataclass(frozen=True)
 class DiagnosticsSpec(_Spec):
@@ -119,6 +147,10 @@ class DiagnosticsSpec(_Spec):
 
 @dataclass(frozen=True)
 class LoaderSpec(_Spec):
+    """How an epoch walks the training set, as torch's DataLoader names it: reshuffled, the
+    short last batch kept, unless set. Akrout et al.'s code reads MNIST in file order and
+    never sees the last partial batch (FCNN_BP.py:103-106, 125)."""
+
     shuffle: bool = _opt()
     drop_last: bool = _opt()
 
@@ -133,10 +165,6 @@ class SweepPoint(_Spec):
 class RunSpec(_Spec):
     """One (experiment, rule, seed[, sweep value]) run as bpfree.config.run_configs resolves it."""
 
-    # identity
-    id: str
-    profile: str
-    run_id: str
     seed: int
     # what is trained, and how
     dataset: str
@@ -153,13 +181,17 @@ class RunSpec(_Spec):
     train_subset: int | None
     test_subset: int | None
     data_seed: int
-    lr_source: str
     # how it executes
     threads: int | None
     device: str
-    # the profile's account of what it shortened (not hashed)
-    deviations: list
-    shortened: bool
+    # identity, and the profile's account of what it shortened (not hashed): run_configs
+    # sets them; a run built by hand (a test, a notebook) may leave them out
+    id: str = _opt()
+    profile: str = _opt()
+    run_id: str = _opt()
+    lr_source: str = _opt()
+    deviations: list = _opt()
+    shortened: bool = _opt()
     # set only when used
     sweep: SweepPoint = _block(SweepPoint, ABSENT)
     loader: LoaderSpec = _block(LoaderSpec, ABSENT)
@@ -179,6 +211,35 @@ class RunSpec(_Spec):
         return {k: v for k, v in self.to_dict().items() if k not in HASH_EXCLUDED}
 
     @property
+    def name(self) -> str:
+        """How messages name the run: its run id, or its rule for a run built by hand."""
+        return or_default(self.run_id, self.rule.name)
+
+    @property
+    def log_interval(self) -> int:
+        """Epochs between evaluations (1: every epoch)."""
+        return int(or_default(self.log_every, 1))
+
+    @property
+    def deterministic_kernels(self) -> bool:
+        return bool(or_default(self.deterministic, True))
+
+    @property
+    def speed_settings(self) -> dict:
+        return or_default(self.speed, {}) or {}
+
+    @property
+    def batch_order(self) -> tuple[bool, bool]:
+        """(shuffle, drop_last), LoaderSpec's defaults where unset."""
+        loader = self.loader if self.loader is not ABSENT else LoaderSpec()
+        return bool(or_default(loader.shuffle, True)), bool(or_default(loader.drop_last, False))
+
+    @property
     def protocol(self) -> str:
         """Which loop trains it: a task sequence, transfer, or a single task."""
         return "continual" if self.continual else "transfer" if self.transfer else "single"
+
+
+def as_run_spec(run) -> RunSpec:
+    """A RunSpec as it is, a run dict checked into one (an unknown key is refused here)."""
+    return run if isinstance(run, RunSpec) else RunSpec.from_dict(run)

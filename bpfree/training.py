@@ -30,12 +30,13 @@ from torch import nn
 from bpfree import distributed
 from bpfree.losses import LossFn, loss_function
 from bpfree.data import k_class_subset, noisy_subset, task_subset, train_val_split
-from bpfree.loop import (LOADER_DEFAULTS, PER_BATCH_SCHEDULES, UNSTABLE_FACTOR, Batches, Callback, EpochStats,
+from bpfree.loop import (PER_BATCH_SCHEDULES, UNSTABLE_FACTOR, Batches, Callback, EpochStats,
                          FitOutcome, StepTimer, Trainee, exploded, fit, predicted_class)
 from bpfree.diagnostics import ConservationTracker, alignment_report, step_gradient_angles, weight_feedback_angles
 from bpfree.models import build_model, model_options
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, data_hash
 from bpfree.rules import apply_rule
+from bpfree.spec import OptimizerSpec, PreprocessSpec, RunSpec, ScheduleSpec, as_run_spec, or_default
 
 EVAL_BATCH = 1000
 WARMUP_STEPS = 5
@@ -138,14 +139,13 @@ def _as_index(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.long)
 
 
-def normalisation(data, device, preprocess: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def normalisation(data, device, preprocess: PreprocessSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std, shaped (1, C, 1, 1), on the device: the training set's, or
     the constants an authors' transform fixes (preprocess mean / std, e.g. Normalize(0.5, 0.5))."""
     channels = data.x_train.shape[1]
-    preprocess = preprocess or {}
     stats = []
     for key, measured in (("mean", data.mean), ("std", data.std)):
-        value = preprocess.get(key, measured)
+        value = measured if preprocess is None else or_default(getattr(preprocess, key), measured)
         value = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
         if value.numel() != channels:
             raise ValueError(f"preprocess.{key}: {value.numel()} values for {channels}-channel images")
@@ -153,13 +153,13 @@ def normalisation(data, device, preprocess: dict | None = None) -> tuple[torch.T
     return stats[0], stats[1]
 
 
-def subset_indices(run: dict, n_train: int, n_test: int, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+def subset_indices(run: RunSpec, n_train: int, n_test: int, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's train_subset / test_subset as sorted index draws from `data_seed` (in that
     order, one generator), or every index; the same for images and text."""
-    gen = torch.Generator().manual_seed(int(run["data_seed"]))
+    gen = torch.Generator().manual_seed(int(run.data_seed))
     drawn = []
     for key, total, what in (("train_subset", n_train, "training"), ("test_subset", n_test, "test")):
-        size = run.get(key)
+        size = getattr(run, key)
         if size is None:
             drawn.append(torch.arange(total))
             continue
@@ -169,10 +169,10 @@ def subset_indices(run: dict, n_train: int, n_test: int, unit: str) -> tuple[tor
     return drawn[0], drawn[1]
 
 
-def train_val_indices(n: int, run: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def train_val_indices(n: int, run: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions in the training pool of the training and the validation examples."""
-    if run["val_size"] > 0:
-        tr, va = train_val_split(n, run["val_size"], run["data_seed"])
+    if run.val_size > 0:
+        tr, va = train_val_split(n, run.val_size, run.data_seed)
         return _as_index(tr), _as_index(va)
     return torch.arange(n), torch.arange(0)
 
@@ -181,20 +181,20 @@ def train_val_indices(n: int, run: dict) -> tuple[torch.Tensor, torch.Tensor]:
 TEXT_TEST_SPLITS = ("test", "dev_matched", "dev")
 
 
-def text_max_len(run: dict) -> int:
-    options = run["model"]["options"]
-    return int(options.get("max_len", model_options(run["model"]["name"]).get("max_len", 128)))
+def text_max_len(run: RunSpec) -> int:
+    options = run.model.options
+    return int(options.get("max_len", model_options(run.model.name).get("max_len", 128)))
 
 
-def device_text(data, run: dict, device: torch.device) -> DeviceSplits:
+def device_text(data, run: RunSpec, device: torch.device) -> DeviceSplits:
     """Encode the run's sentence pairs with the set's own tokenizer, once, onto the device."""
     from bpfree.data.tokenization import encode_examples
 
-    if run.get("train_data") or run["preprocess"].get("resize"):
-        raise ValueError(f"{run['dataset']} is a text set: train_data and resize apply to images only")
+    if run.train_data or run.preprocess.resize:
+        raise ValueError(f"{run.dataset} is a text set: train_data and resize apply to images only")
     test_split = next((name for name in TEXT_TEST_SPLITS if name in data.splits), None)
     if test_split is None:
-        raise ValueError(f"{run['dataset']} has no labelled evaluation split ({', '.join(TEXT_TEST_SPLITS)})")
+        raise ValueError(f"{run.dataset} has no labelled evaluation split ({', '.join(TEXT_TEST_SPLITS)})")
     train, test = data.splits["train"], data.splits[test_split]
     pool, test_idx = subset_indices(run, len(train), len(test), "examples")
     tr, va = train_val_indices(len(pool), run)
@@ -214,19 +214,20 @@ def device_text(data, run: dict, device: torch.device) -> DeviceSplits:
                         data.tokenizer.get_vocab_size())
 
 
-def run_model_options(run: dict, splits: DeviceSplits) -> dict:
+def run_model_options(run: RunSpec, splits: DeviceSplits) -> dict:
     """The model's options for this run's data: text models take the tokenizer's vocabulary size."""
-    options = dict(run["model"]["options"])
+    options = dict(run.model.options)
     if splits.vocab_size is not None:
         given = options.setdefault("vocab_size", splits.vocab_size)
         if given != splits.vocab_size:
-            raise ValueError(f"model option vocab_size {given} != the {run['dataset']} tokenizer's "
+            raise ValueError(f"model option vocab_size {given} != the {run.dataset} tokenizer's "
                              f"{splits.vocab_size}; leave vocab_size out of the config")
     return options
 
 
-def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
+def device_splits(data, run: RunSpec | dict, device: torch.device) -> DeviceSplits:
     """Cut the run's subsets out of the prepared tensors and resize them once, on device."""
+    run = as_run_spec(run)
     if hasattr(data, "tokenizer"):
         return device_text(data, run, device)
     pool, test_idx = subset_indices(run, len(data.y_train), len(data.y_test), "images")
@@ -235,7 +236,7 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
         return x[idx.to(x.device)].to(device)
 
     y_pool, y_test, num_classes, draw = take(data.y_train, pool), take(data.y_test, test_idx), int(data.num_classes), None
-    spec = run.get("train_data")
+    spec = run.train_data
     if spec:
         # Drawn from the run's seed: a fresh draw per repeat, the same for every rule.
         if spec["kind"] == "noisy_subset":
@@ -254,13 +255,10 @@ def device_splits(data, run: dict, device: torch.device) -> DeviceSplits:
     y_tr, y_va = y_pool[tr.to(y_pool.device)], y_pool[va.to(y_pool.device)]
 
     x_tr, x_va, x_te = take(data.x_train, tr_idx), take(data.x_train, va_idx), take(data.x_test, test_idx)
-    resize = run["preprocess"].get("resize")
-    x_tr, x_va, x_te = (resize_images(x, resize) for x in (x_tr, x_va, x_te))
-    mean, std = normalisation(data, device, run["preprocess"])
-    return DeviceSplits(
-        x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std,
-        bool(run["preprocess"].get("normalize", True)), num_classes, draw,
-    )
+    x_tr, x_va, x_te = (resize_images(x, run.preprocess.resize) for x in (x_tr, x_va, x_te))
+    mean, std = normalisation(data, device, run.preprocess)
+    return DeviceSplits(x_tr, y_tr, x_va, y_va, x_te, y_test, mean, std, bool(run.preprocess.normalize),
+                        num_classes, draw)
 
 
 def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -270,17 +268,17 @@ def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x.float().div(255.0), size=(size, size), mode="bilinear", align_corners=False)
 
 
-def check_batch_size(run: dict, n_train: int) -> None:
+def check_batch_size(run: RunSpec, n_train: int) -> None:
     """A batch larger than the training set would silently train full-batch: refuse it, one line."""
     from bpfree.config import ConfigError
-    bs = int(run["batch_size"])
+    bs = int(run.batch_size)
     if bs > n_train:
         raise ConfigError("batch_size", bs, f"exceeds the {n_train} training images of run "
-                          f"{run.get('run_id', run['rule']['name'])}; for full-batch training set "
+                          f"{run.name}; for full-batch training set "
                           f"batch_size: {n_train} (in the profile, for a profile's subset)")
 
 
-def preflight(runs: list[dict], data, device) -> None:
+def preflight(runs: list[RunSpec], data, device) -> None:
     """Every run's batch size, model and rule options checked before the first run trains.
 
     A sweep's bad point (a negative width, an LFNN delta above 1) or a batch larger than the
@@ -290,11 +288,11 @@ def preflight(runs: list[dict], data, device) -> None:
     """
     from bpfree.config import ConfigError
     sizes, built = {}, set()
-    for run in runs:
-        if run.get("continual") or run.get("transfer"):
+    for run in map(as_run_spec, runs):
+        if run.protocol != "single":
             continue  # their task sets are cut per task (continual.task_images)
-        key = repr((run.get("train_subset"), run.get("test_subset"), run["val_size"], run.get("data_seed"),
-                    run.get("train_data"), run["preprocess"].get("resize"), run["seed"]))
+        key = repr((run.train_subset, run.test_subset, run.val_size, run.data_seed, run.train_data,
+                    run.preprocess.resize, run.seed))
         if key not in sizes:
             images = device_splits(data, run, device)
             sizes[key] = (len(images.y_train), images)
@@ -302,22 +300,22 @@ def preflight(runs: list[dict], data, device) -> None:
         n_train, images = sizes[key]
         sizes[key] = (n_train, types.SimpleNamespace(num_classes=images.num_classes, vocab_size=images.vocab_size))
         check_batch_size(run, n_train)
-        spec = repr((run["model"], run["rule"]))
+        spec = repr((run.model, run.rule))
         if spec in built:
             continue
         built.add(spec)
-        options = dict(run["model"]["options"])
+        options = dict(run.model.options)
         try:
             options = run_model_options(run, sizes[key][1])
-            model = build_model(run["model"]["name"], num_classes=sizes[key][1].num_classes, **options)
-            apply_rule(model, run["rule"]["name"], **run["rule"]["options"]).remove()
+            model = build_model(run.model.name, num_classes=sizes[key][1].num_classes, **options)
+            apply_rule(model, run.rule.name, **run.rule.options).remove()
         except (ValueError, TypeError, RuntimeError) as error:
-            where = f"run {run['run_id']}: model {run['model']['name']} {options}, rule {run['rule']['name']}"
-            raise ConfigError(where, run["rule"]["options"] or options,
+            where = f"run {run.name}: model {run.model.name} {options}, rule {run.rule.name}"
+            raise ConfigError(where, run.rule.options or options,
                               str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
-def parameter_groups(model: nn.Module, cfg: dict):
+def parameter_groups(model: nn.Module, cfg: OptimizerSpec | dict):
     """The model's parameters, biases in a group of their own when `bias_lr_scale` is set.
 
     Akrout et al.'s reference code steps weights by lr/batch x the batch sum of their
@@ -325,41 +323,42 @@ def parameter_groups(model: nn.Module, cfg: dict):
     bias learning rate 1/batch of the weights'. The weights' group comes first, so
     param_groups[0]["lr"] stays the run's lr.
     """
-    scale = cfg.get("bias_lr_scale")
-    if scale is None or scale == 1:
+    cfg = OptimizerSpec.from_dict(cfg, "optimizer") if isinstance(cfg, dict) else cfg
+    if cfg.bias_scale == 1:
         return list(model.parameters())
     named = list(model.named_parameters())
     rest = [p for name, p in named if not name.endswith("bias")]
     biases = [p for name, p in named if name.endswith("bias")]
-    return [{"params": rest}, {"params": biases, "lr": cfg["lr"] * scale}]
+    return [{"params": rest}, {"params": biases, "lr": cfg.lr * cfg.bias_scale}]
 
 
-def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    if cfg["name"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-                               weight_decay=cfg.get("weight_decay", 0.0),
-                               nesterov=cfg.get("nesterov", False))
-    if cfg["name"] == "adam":
-        betas = tuple(cfg.get("betas", (0.9, 0.999)))
-        return torch.optim.Adam(params, lr=cfg["lr"], betas=betas,
-                                weight_decay=cfg.get("weight_decay", 0.0))
-    raise ValueError(f"unknown optimizer {cfg['name']!r}")
+def build_optimizer(params, cfg: OptimizerSpec | dict) -> torch.optim.Optimizer:
+    """SGD (no momentum, decay or Nesterov unless set) or Adam with torch's default betas."""
+    cfg = OptimizerSpec.from_dict(cfg, "optimizer") if isinstance(cfg, dict) else cfg
+    decay = or_default(cfg.weight_decay, 0.0)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=or_default(cfg.momentum, 0.0), weight_decay=decay,
+                               nesterov=or_default(cfg.nesterov, False))
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def build_scheduler(optimizer, cfg: dict, steps_per_epoch: int = 1, epochs: int = 1):
+def build_scheduler(optimizer, cfg: ScheduleSpec | dict, steps_per_epoch: int = 1, epochs: int = 1):
     """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction
-    bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so."""
-    if cfg["name"] == "onecycle":
-        max_lr = cfg.get("max_lr", optimizer.param_groups[0]["lr"])
+    bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so.
+    An unset gamma is 0.1, an unset OneCycle peak the optimiser's lr, its warm-up 30 %."""
+    cfg = ScheduleSpec.from_dict(cfg, "schedule") if isinstance(cfg, dict) else cfg
+    gamma = or_default(cfg.gamma, 0.1)
+    if cfg.name == "onecycle":
+        max_lr = or_default(cfg.max_lr, optimizer.param_groups[0]["lr"])
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
                                                    steps_per_epoch=steps_per_epoch,
-                                                   pct_start=cfg.get("pct_start", 0.3))
-    if cfg["name"] == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["milestones"],
-                                                    gamma=cfg.get("gamma", 0.1))
-    if cfg["name"] == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["step_size"],
-                                               gamma=cfg.get("gamma", 0.1))
+                                                   pct_start=or_default(cfg.pct_start, 0.3))
+    if cfg.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=gamma)
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=gamma)
     return None
 
 
@@ -516,11 +515,11 @@ class ResumeState:
         self._last = time.perf_counter()
 
 
-def run_fingerprint(run: dict, manifest: dict) -> str:
+def run_fingerprint(run: RunSpec, manifest: dict) -> str:
     """Config, data and code of a run: what a resume file must match to be continued (the
     same two hashes that decide whether a finished run's metrics.json is reused)."""
     from bpfree.config import config_hash
-    return f"{config_hash(run, data_hash(manifest))}-{code_hash()}"
+    return f"{config_hash(run.hash_payload(), data_hash(manifest))}-{code_hash()}"
 
 
 def _load_model_state(model: nn.Module, state: dict, device: torch.device) -> None:
@@ -548,7 +547,7 @@ def _rng_restore(device: torch.device, generators: dict[str, torch.Generator | N
             g.set_state(states[name])
 
 
-def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | None = None,
+def train_run(run: RunSpec | dict, data, device, *, checkpoint_path: str | os.PathLike | None = None,
               resume_path: str | os.PathLike | None = None, resume_every_s: float = 0.0,
               log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """Train one (experiment, rule, seed) run and return its metrics dict.
@@ -560,6 +559,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
     safe. `progress` shows an epoch bar (bpfree.progress decides whether it is visible).
     """
     nondeterministic_ops: list[str] = []
+    run = as_run_spec(run)
     with recording_nondeterministic_ops(nondeterministic_ops):
         metrics = _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress)
     metrics["determinism"]["nondeterministic_ops"] = nondeterministic_ops
@@ -570,7 +570,7 @@ def train_run(run: dict, data, device, *, checkpoint_path: str | os.PathLike | N
 class SingleTask:
     """One single-task run, built: what its callbacks and its record share."""
 
-    run: dict
+    run: RunSpec
     device: torch.device
     ranks: distributed.Ranks | None
     determinism: dict
@@ -582,40 +582,36 @@ class SingleTask:
 
     @property
     def epochs(self) -> int:
-        return int(self.run["epochs"])
+        return int(self.run.epochs)
 
 
-def build_single_task(run: dict, data, device) -> SingleTask:
+def build_single_task(run: RunSpec, data, device) -> SingleTask:
     """Seed, model, rule, optimiser, schedule and batch walk of a run, in the order that fixes
     its random draws (the model and the rule both draw, so they come after seeding)."""
     device = torch.device(device) if not isinstance(device, torch.device) else device
     ranks = distributed.from_environment()  # torchrun: this process is one data-parallel rank
     if ranks is not None and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
-    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
-    seed = int(run["seed"])
+    determinism = set_determinism(run.threads, run.deterministic_kernels)
+    seed = int(run.seed)
     images = device_splits(data, run, device)
     check_batch_size(run, len(images.y_train))
     seed_everything(seed)
-    model = build_model(run["model"]["name"], num_classes=images.num_classes,
-                        **run_model_options(run, images)).to(device)
-    handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
-    optimizer = build_optimizer(parameter_groups(model, run["optimizer"]), run["optimizer"])  # after KP adds B
-    loss_fn = loss_function(run.get("loss"))
-    net, autocast = speed_setup(model, images, run.get("speed") or {}, device, ranks)
-    bs = int(run["batch_size"])
+    model = build_model(run.model.name, num_classes=images.num_classes, **run_model_options(run, images)).to(device)
+    handle = apply_rule(model, run.rule.name, **run.rule.options)
+    optimizer = build_optimizer(parameter_groups(model, run.optimizer), run.optimizer)  # after KP adds B
+    loss_fn = loss_function(or_default(run.loss, None))
+    net, autocast = speed_setup(model, images, run.speed_settings, device, ranks)
+    bs = int(run.batch_size)
     if ranks is not None and bs % ranks.world:
         raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
     order_gen = torch.Generator().manual_seed(seed)
-    crop_padding = int(run["preprocess"].get("crop_padding", 0) or 0)
-    flip = bool(run["preprocess"].get("flip", False))
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if crop_padding or flip else None
-    loader = {**LOADER_DEFAULTS, **(run.get("loader") or {})}
-    batches = Batches(images, bs, order_gen, augment_gen, crop_padding, flip, loader["shuffle"],
-                      loader["drop_last"], ranks)
-    scheduler = build_scheduler(optimizer, run["schedule"], batches.steps, int(run["epochs"]))
-    trainee = Trainee(net, handle, optimizer, scheduler, run["schedule"]["name"] in PER_BATCH_SCHEDULES,
-                      run["optimizer"].get("clip_grad_norm"), loss_fn, autocast)
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if run.preprocess.augments else None
+    batches = Batches(images, bs, order_gen, augment_gen, run.preprocess.crop, bool(run.preprocess.flip),
+                      *run.batch_order, ranks)
+    scheduler = build_scheduler(optimizer, run.schedule, batches.steps, int(run.epochs))
+    trainee = Trainee(net, handle, optimizer, scheduler, run.schedule.name in PER_BATCH_SCHEDULES,
+                      run.optimizer.clip, loss_fn, autocast)
     return SingleTask(run, device, ranks, determinism, images, model, trainee, batches,
                       {"order": order_gen, "augment": augment_gen})
 
@@ -628,13 +624,13 @@ class Diagnostics(Callback):
     on the batch that leaves the net and the random streams as they were."""
 
     def __init__(self, task: SingleTask):
-        cfg = task.run.get("diagnostics") or {}
-        self.every = int(cfg.get("every", 0) or 0)
+        cfg = task.run.diagnostics
+        self.every = int(cfg.every or 0)
         self.task, self.records, self.step_angles = task, [], None
-        images, batch = task.images, cfg.get("batch", 256)
-        self.x = images.prepare(images.x_train[:batch]) if self.every else None
-        self.y = images.y_train[:batch] if self.every else None
-        self.tracker = ConservationTracker(task.trainee.handle) if self.every and cfg.get("conservation") else None
+        images = task.images
+        self.x = images.prepare(images.x_train[:cfg.batch]) if self.every else None
+        self.y = images.y_train[:cfg.batch] if self.every else None
+        self.tracker = ConservationTracker(task.trainee.handle) if self.every and cfg.conservation else None
 
     def due(self, epoch: int) -> bool:
         return bool(self.every) and epoch % self.every == 0
@@ -672,7 +668,7 @@ class Evaluation(Callback):
 
     def __init__(self, task: SingleTask, bar, log):
         self.task, self.bar, self.log = task, bar, log
-        self.every = int(task.run.get("log_every", 1))
+        self.every = task.run.log_interval
         self.history: list[dict] = []
 
     def epoch_end(self, stats: EpochStats) -> None:
@@ -750,7 +746,7 @@ def step_timer(task: SingleTask, diagnostics: Diagnostics) -> StepTimer:
     return StepTimer(task.device, keep)
 
 
-def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
+def _train_run(run: RunSpec, data, device, checkpoint_path, resume_path, resume_every_s, log, progress) -> dict:
     from bpfree.progress import epoch_bar
 
     wall0 = time.perf_counter()
@@ -763,7 +759,7 @@ def _train_run(run, data, device, checkpoint_path, resume_path, resume_every_s, 
     saved, ignored = resume_state.load() if resume_state is not None else (None, None)
     if ignored and log:
         log(f"  resume file {resume_path}: {ignored}")
-    bar = epoch_bar(task.epochs, run.get("run_id", run["rule"]["name"]), enabled=progress,
+    bar = epoch_bar(task.epochs, run.name, enabled=progress,
                     initial=saved["epoch"] if saved is not None else 0)
     evaluation = Evaluation(task, bar, log)
     resume = Resume(task, resume_state, diagnostics, evaluation, timer)
@@ -797,17 +793,17 @@ def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict
     if checkpoint_path is not None and status == STATUS_OK and (ranks is None or ranks.leader):
         atomic_torch_save(checkpoint_path, {
             "state_dict": {k: v.detach().cpu() for k, v in task.model.state_dict().items()},
-            "model": run["model"]["name"], "rule": run["rule"]["name"], "seed": int(run["seed"]),
+            "model": run.model.name, "rule": run.rule.name, "seed": int(run.seed),
             "final_test_acc": history[-1]["test_acc"] if history else None,
         })
         checkpoint = str(checkpoint_path)
     counts = dict(handle.counts)
     handle.remove()
-    selected = _select(history, run["selection"])
+    selected = _select(history, run.selection)
     curves = None
     # Trained and evaluated epochs (a diverged epoch is neither); the history may be cut below.
     epochs_completed = task.epochs if outcome.diverged is None else outcome.diverged.epoch - 1
-    if int(run.get("log_every", 1)) > 1:
+    if run.log_interval > 1:
         # Long runs: every logged epoch goes into compact columns instead of one dict each.
         curves = to_curves(history, diagnostics)
         history = history[-1:]
@@ -817,7 +813,7 @@ def single_task_record(task: SingleTask, outcome: FitOutcome, history: list[dict
     if ranks is not None:
         protocol["distributed"] = {"world_size": ranks.world, "backend": torch.distributed.get_backend()}
     return RunRecord(
-        run=run, status=status, history=history, selection=selected, curves=curves,
+        run=run.to_dict(), status=status, history=history, selection=selected, curves=curves,
         diverged_epoch=outcome.diverged.epoch if outcome.diverged is not None else None,
         sizes={"train": len(images.y_train), "val": len(images.y_val), "test": len(images.y_test)},
         wall_time_s=resume.elapsed(), determinism=task.determinism, train_data_draw=images.draw,
@@ -930,9 +926,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
 
 
-def load_checkpoint_model(path, run: dict, splits: DeviceSplits, device) -> nn.Module:
+def load_checkpoint_model(path, run: RunSpec | dict, splits: DeviceSplits, device) -> nn.Module:
     """Rebuild the plain model of a run from its checkpoint (rule state such as B is dropped:
     rules change only the backward pass, so the forward pass of the plain model is the same)."""
+    run = as_run_spec(run)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -940,8 +937,8 @@ def load_checkpoint_model(path, run: dict, splits: DeviceSplits, device) -> nn.M
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by cause
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable ({detail}); delete it and re-run "
-                              f"`python -m stages.train {run.get('experiment', '<experiment>')}` for it") from None
-    model = build_model(run["model"]["name"], num_classes=splits.num_classes,
+                              f"`python -m stages.train {or_default(run.id, '<experiment>')}` for it") from None
+    model = build_model(run.model.name, num_classes=splits.num_classes,
                         **run_model_options(run, splits)).to(device)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ckpt["state_dict"]]

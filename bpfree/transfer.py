@@ -22,6 +22,7 @@ from bpfree.models import build_model
 from bpfree.pruning import sign_flip_fraction
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
+from bpfree.spec import RunSpec, as_run_spec
 from bpfree.training import DeviceSplits, evaluate_split, seed_everything, set_determinism
 
 
@@ -61,29 +62,30 @@ def target_classes(spec: dict, num_classes: int) -> list[int]:
     return list(range(num_classes)) if spec["target_classes"] == "all" else list(spec["target_classes"])
 
 
-def pretrained_model(run: dict, device) -> nn.Module:
+def pretrained_model(run: RunSpec, device) -> nn.Module:
     """The run's model holding published pre-trained weights (loaded strictly: every key)."""
     from bpfree.data.weights import PRETRAINED, load_pretrained_state
 
-    weights = PRETRAINED[run["transfer"]["pretrained"]]
+    weights = PRETRAINED[run.transfer["pretrained"]]
     model = build_model(weights.model, num_classes=weights.num_classes,
-                        **{**run["model"]["options"], **weights.model_options})
+                        **{**run.model.options, **weights.model_options})
     model.load_state_dict(load_pretrained_state(weights.name), strict=True)
     return model.to(device)
 
 
-def train_transfer(run: dict, data, device, *, log=None) -> dict:
+def train_transfer(run: RunSpec | dict, data, device, *, log=None) -> dict:
     """Pre-train with `source_rule` (or load published weights), swap the head, fine-tune."""
     wall0 = time.perf_counter()
     device = torch.device(device)
-    determinism = set_determinism(run.get("threads"), run.get("deterministic", True))
-    seed = int(run["seed"])
-    spec = run["transfer"]
+    run = as_run_spec(run)
+    determinism = set_determinism(run.threads, run.deterministic_kernels)
+    seed = int(run.seed)
+    spec = run.transfer
     classes = {"target": target_classes(spec, int(data.num_classes))}
     if spec.get("source_classes"):
         classes["source"] = list(spec["source_classes"])
-    images = {key: limit_images(task_images(data, cls, seed, device, run["preprocess"].get("resize")),
-                                run.get("train_subset"), run.get("test_subset"), seed)
+    images = {key: limit_images(task_images(data, cls, seed, device, run.preprocess.resize),
+                                run.train_subset, run.test_subset, seed)
               for key, cls in classes.items()}
     target = images["target"]
     order_gen, augment_gen = task_generators(run, seed, device)
@@ -91,8 +93,7 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
     if "source" in images:
         source = images["source"]
         seed_everything(seed)
-        model = build_model(run["model"]["name"], num_classes=len(classes["source"]),
-                            **run["model"]["options"]).to(device)
+        model = build_model(run.model.name, num_classes=len(classes["source"]), **run.model.options).to(device)
         pre = apply_rule(model, spec.get("source_rule", "bp"))
         history, diverged = train_task(model, pre, source, run, order_gen, augment_gen, task=1,
                                        epochs=int(spec["source_epochs"]))
@@ -110,7 +111,7 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
 
     final, counts, scalars = None, {}, {}
     if diverged is None:
-        handle = apply_rule(model, run["rule"]["name"], **run["rule"]["options"])
+        handle = apply_rule(model, run.rule.name, **run.rule.options)
         entries, diverged = train_task(model, handle, target, run, order_gen, augment_gen, task=2)
         history += entries
         counts = dict(handle.counts)
@@ -126,7 +127,7 @@ def train_transfer(run: dict, data, device, *, log=None) -> dict:
             log(f"  fine-tuned on {len(classes['target'])} classes: test {final:.2f}%, "
                 f"{scalars['sign_flip_pct']:.2f}% of pre-trained weights flipped sign")
     return RunRecord(
-        run=run, status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
+        run=run.to_dict(), status=status, diverged_epoch=diverged, history=history, selection=final_selection(final),
         sizes={name: {"train": len(t.y_train), "val": len(t.y_val), "test": len(t.y_test)}
                for name, t in images.items()},
         wall_time_s=time.perf_counter() - wall0, determinism=determinism, converted_layers=counts,

@@ -132,7 +132,8 @@ def test_loader_order_and_dropped_last_batch(mnist):
         "rule": {"name": "bp", "options": {}},
         "optimizer": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "none"},
         "batch_size": 128, "epochs": 2, "train_subset": 300, "test_subset": 100, "val_size": 0,
-        "selection": "final", "preprocess": {"normalize": False}, "loss": "sigmoid_bce",
+        "selection": "final", "preprocess": {"normalize": False, "resize": None}, "loss": "sigmoid_bce",
+        "diagnostics": {"every": 0, "batch": 1},
         "loader": {"shuffle": False, "drop_last": True},
     }
     a = train_run(run, mnist, "cpu")
@@ -205,7 +206,7 @@ def test_first_epochs_follow_the_reference_logs(mnist, rule):
     first two epochs did (all 24 measured seed-epochs sit within 1.5 sd of the logs)."""
     run = next(r for r in run_configs(load_params(), "A2_mnist_mlp", "cpu")
                if r["rule"]["name"] == rule and r["seed"] == 1111)
-    run.update(epochs=2, diagnostics={"every": 0})
+    run.update(epochs=2, diagnostics={"every": 0, "batch": 1})
     history = train_run(run, mnist, "cpu")["history"]
     for epoch, (ref_acc, ref_loss) in enumerate(REFERENCE_START[rule]):
         acc, loss = history[epoch]["test_acc"], history[epoch]["train_loss"]

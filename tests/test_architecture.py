@@ -13,7 +13,7 @@ TIERS = {
     "library": ["bpfree.rules", "bpfree.models", "bpfree.losses", "bpfree.data", "bpfree.diagnostics",
                 "bpfree.distributed", "bpfree.layout", "bpfree.provenance", "bpfree.progress", "bpfree.pruning"],
     "harness": ["bpfree.config", "bpfree.spec", "bpfree.loop", "bpfree.record", "bpfree.runner", "bpfree.gpu_queue", "bpfree.launcher", "bpfree.tuning", "bpfree.training", "bpfree.continual", "bpfree.transfer", "bpfree.summary",
-                "bpfree.benchmark", "bpfree.verify"],
+                "bpfree.benchmark", "bpfree.verify", "bpfree.pipelines"],
     "report": ["bpfree.claims", "bpfree.reporting", "bpfree.plots", "bpfree.catalogue"],
     "entry": ["bpfree.cli", "stages", "bpfree"],  # `bpfree` itself: the lazy package namespace
 }

@@ -19,6 +19,7 @@ def tiny_run(rule="bp", seed=0):
             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
             "schedule": {"name": "step", "step_size": 1, "gamma": 0.1}, "batch_size": 512, "epochs": 1,
             "val_size": 0, "selection": "final", "preprocess": {"normalize": True, "resize": None},
+            "train_subset": None, "test_subset": None, "diagnostics": {"every": 0, "batch": 1},
             "continual": {"tasks": 5, "classes_per_task": 2}}
 
 

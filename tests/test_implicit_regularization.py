@@ -11,6 +11,7 @@ from bpfree.diagnostics import ConservationTracker, step_gradient_angles, update
 from bpfree.models import build_model
 from bpfree.rules import apply_rule
 from bpfree.training import device_splits, train_run
+from tests.test_training import mlp_run
 
 
 
@@ -124,9 +125,9 @@ def test_label_noise_draws_differ_per_repeat_and_match_across_rules(params, mnis
 
 
 def test_noisy_subset_flips_exactly_the_recorded_labels(mnist):
-    run = {"dataset": "mnist", "data_seed": 0, "seed": 3, "val_size": 0,
-           "preprocess": {"normalize": False, "resize": None},
-           "train_data": {"kind": "noisy_subset", "size": 500, "flip_fraction": 0.2, "seed": 3}}
+    run = mlp_run(seed=3, val_size=0, train_subset=None, test_subset=None,
+                  preprocess={"normalize": False, "resize": None},
+                  train_data={"kind": "noisy_subset", "size": 500, "flip_fraction": 0.2, "seed": 3})
     images = device_splits(mnist, run, torch.device("cpu"))
     clean = device_splits(mnist, {**run, "train_data": {**run["train_data"], "flip_fraction": 0.0}},
                           torch.device("cpu"))
@@ -137,9 +138,8 @@ def test_noisy_subset_flips_exactly_the_recorded_labels(mnist):
 
 def test_k_class_subsets_are_drawn_per_repeat_on_mnist(mnist):
     def draw(seed, k=4):
-        run = {"dataset": "mnist", "data_seed": 0, "seed": seed, "val_size": 100,
-               "preprocess": {"normalize": True, "resize": None},
-               "train_data": {"kind": "k_class", "k": k, "seed": seed}}
+        run = mlp_run(seed=seed, val_size=100, train_subset=None, test_subset=None,
+                      train_data={"kind": "k_class", "k": k, "seed": seed})
         return device_splits(mnist, run, torch.device("cpu"))
     a, b, c = draw(0), draw(0), draw(1)
     assert a.num_classes == 4 and a.draw["classes"] == b.draw["classes"]

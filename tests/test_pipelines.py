@@ -7,20 +7,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.pipelines import PROFILES, render  # noqa: E402
+from bpfree.pipelines import PROFILES, render  # noqa: E402
 
 
 def test_committed_profile_pipelines_are_what_the_generator_writes():
     for profile in PROFILES:
         path = REPO / "pipelines" / profile / "dvc.yaml"
-        assert path.read_text() == render(profile), f"{path} is stale: run `python -m stages.pipelines`"
+        assert path.read_text() == render(profile, REPO), f"{path} is stale: run `python -m stages.pipelines`"
 
 
 def test_profile_pipelines_fix_their_profile_and_run_from_the_root():
     root = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert root["vars"] == [{"profile": "smoke"}]
     for profile in PROFILES:
-        doc = yaml.safe_load(render(profile))
+        doc = yaml.safe_load(render(profile, REPO))
         assert doc["vars"][-1] == {"profile": profile}
         assert set(doc["stages"]) == {"train", "evaluate"}
         assert doc["stages"]["train"]["do"]["wdir"] == "../.." and doc["stages"]["evaluate"]["wdir"] == "../.."

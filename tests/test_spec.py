@@ -38,3 +38,21 @@ def test_unknown_and_missing_keys_are_refused_and_absent_keys_stay_absent(monkey
     assert spec.optimizer.lr == run["optimizer"]["lr"] and spec.loader.drop_last is True
     with pytest.raises(AttributeError):
         spec.seed = 1  # frozen
+
+
+def test_the_trainer_reads_the_spec_and_its_defaults_are_said_once(mnist):
+    """train_run checks a hand-built dict into a RunSpec before any work, and what an absent
+    key means (no clipping, evaluation every epoch, a reshuffled walk keeping the last batch)
+    is read off the spec's properties."""
+    from bpfree.training import train_run
+    from tests.test_training import mlp_run
+    spec = RunSpec.from_dict(mlp_run())
+    assert spec.run_id is ABSENT and spec.name == "bp"
+    assert spec.optimizer.clip is None and spec.optimizer.bias_scale == 1.0
+    assert spec.log_interval == 1 and spec.batch_order == (True, False) and spec.deterministic_kernels
+    assert spec.preprocess.crop == 0 and not spec.preprocess.augments
+    assert RunSpec.from_dict(mlp_run(loader={"drop_last": True})).batch_order == (True, True)
+    with pytest.raises(KeyError, match="does not know.*epoch"):
+        train_run({**mlp_run(), "epoch": 3}, mnist, "cpu")
+    metrics = train_run(spec, mnist, "cpu")
+    assert metrics["config"] == mlp_run() and metrics["status"] == "OK"

@@ -264,11 +264,11 @@ def test_text_run_rejects_a_vocabulary_that_is_not_the_tokenizers(sick):
 def test_fixed_normalisation_constants(mnist):
     """preprocess mean / std replace the training set's statistics (the LFP notebook's
     Normalize(0.5, 0.5)); a count that does not match the channels is refused before training."""
-    splits = device_splits(mnist, mlp_run(preprocess={"normalize": True, "mean": [0.5], "std": [0.5]}), "cpu")
+    splits = device_splits(mnist, mlp_run(preprocess={"normalize": True, "resize": None, "mean": [0.5], "std": [0.5]}), "cpu")
     x = splits.x_train[:5]
     torch.testing.assert_close(splits.prepare(x), x.float() / 255 * 2 - 1)
     with pytest.raises(ValueError, match="preprocess.mean: 3 values for 1-channel"):
-        device_splits(mnist, mlp_run(preprocess={"normalize": True, "mean": [0.5, 0.5, 0.5], "std": [1.0]}), "cpu")
+        device_splits(mnist, mlp_run(preprocess={"normalize": True, "resize": None, "mean": [0.5, 0.5, 0.5], "std": [1.0]}), "cpu")
 
 
 @pytest.mark.parametrize("losses, diverged, unstable", [

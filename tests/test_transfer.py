@@ -18,7 +18,7 @@ def tiny_run(rule="bp", seed=0, lr=0.05):
             "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
             "schedule": {"name": "none"}, "batch_size": 256, "epochs": 1, "val_size": 0,
             "selection": "final", "preprocess": {"normalize": True, "resize": None},
-            "train_subset": 2048, "test_subset": 1000,
+            "train_subset": 2048, "test_subset": 1000, "diagnostics": {"every": 0, "batch": 1},
             "transfer": {"source_classes": [0, 1, 2, 3, 4], "target_classes": [5, 6, 7, 8, 9],
                          "source_epochs": 1}}
 

@@ -345,7 +345,8 @@ def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, nee
     (tests/test_lfp.py); no activation-sized concatenation but the first layer's [x+, x-]."""
     signed = bool(x.lt(0).any())
     if signed:
-        x_in = torch.cat([_pos(x), _neg(x)], ops.channel_dim)
+        x_pos, x_neg = _pos(x), _neg(x)
+        x_in = torch.cat([x_pos, x_neg], ops.channel_dim)
         w = torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)], 0)
         w_scaled = torch.cat([a * torch.cat([w_pos, w_neg], 1), -b * torch.cat([w_neg, w_pos], 1)], 0)
     else:
@@ -360,8 +361,11 @@ def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, nee
     if signed:
         (pp, pn), (np_, nn_) = top.chunk(2, 1), bottom.chunk(2, 1)  # [x+, x-] columns
         share = a * (w_pos * pp + w_neg * pn) - b * (w_pos * nn_ + w_neg * np_)
-        r_in = None if sent is None else (_pos(x) * sent.chunk(2, ops.channel_dim)[0]
-                                          + _neg(x) * sent.chunk(2, ops.channel_dim)[1])
+        if sent is not None:
+            sent_pos, sent_neg = sent.chunk(2, ops.channel_dim)
+            r_in = x_pos * sent_pos + x_neg * sent_neg
+        else:
+            r_in = None
     else:
         share = a * (w_pos * top) - b * (w_neg * bottom)
         r_in = None if sent is None else x * sent
