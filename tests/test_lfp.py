@@ -401,8 +401,9 @@ def test_lfp_skips_the_reward_to_the_data_and_changes_nothing_else(rule, monkeyp
 
 
 def test_lfp_allows_in_place_ops_after_an_activation():
-    """The pass-through hands on a copy: an in-place op on an activation's output (a residual
-    `out += skip`, an in-place dropout) must not trip the activation's own saved output."""
+    """The pass-through hands on the activation's output detached from the activation's own
+    node: an in-place op on it (a residual `out += skip`, an in-place dropout) must not trip
+    that node's saved output."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -418,3 +419,36 @@ def test_lfp_allows_in_place_ops_after_an_activation():
     apply_rule(net, "lfp_eps")
     torch.nn.functional.cross_entropy(net(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_the_pass_through_shares_the_activations_memory_and_gives_the_copys_feedback():
+    """No copy per activation (the next layer reads the activation's own memory), and the
+    same feedback, bit for bit, as handing on a copy did."""
+    import bpfree.rules.lfp as lfp
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    ours, seen = net(), {}
+    ours[1].register_forward_hook(lambda m, i, o: seen.update(activation=o.data_ptr()))  # before the rule's
+    ours[2].register_forward_pre_hook(lambda m, i: seen.update(next_layer=i[0].data_ptr()))
+    apply_rule(ours, "lfp_eps")
+    torch.nn.functional.cross_entropy(ours(x), y).backward()
+    assert seen["activation"] == seen["next_layer"]
+
+    class Copying(lfp._PassReward):
+        @staticmethod
+        def forward(ctx, x_, y_, copy=False):
+            return y_.detach().clone()
+
+    original, lfp._PassReward = lfp._PassReward, Copying
+    try:
+        theirs = net()
+        apply_rule(theirs, "lfp_eps")
+        torch.nn.functional.cross_entropy(theirs(x), y).backward()
+    finally:
+        lfp._PassReward = original
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -87,6 +87,11 @@ class KolenPollack(StoredFeedbackRule):
                 layer.feedback_offset.mul_(1.0 - self.options["shrink"])
 
 
+def _scaled(noise: torch.Tensor, std: float) -> torch.Tensor:
+    """noise * std in place; unit noise (the default) is left as drawn, the same values."""
+    return noise if std == 1.0 else noise.mul_(std)
+
+
 @register_rule
 class WeightMirror(StoredFeedbackRule):
     """WM: after each optimizer step, a mirror phase drives B towards W with noise alone.
@@ -182,15 +187,15 @@ class WeightMirror(StoredFeedbackRule):
             dilation = (1, *layer.dilation) if one_d else tuple(layer.dilation)
             (kh, kw), (dh, dw) = kernel.shape[-2:], dilation
             shape = (n, layer.in_channels, dh * (kh - 1) + kh, dw * (kw - 1) + kw)
-            x = torch.randn(shape, generator=gen, device=weight.device, dtype=weight.dtype) * std
+            x = _scaled(torch.randn(shape, generator=gen, device=weight.device, dtype=weight.dtype), std)
             y = F.conv2d(x, kernel, None, 1, 0, dilation, layer.groups)
             positions = y.shape[-1] * y.shape[-2]
             outer = conv_weight_gradient(x, y, kernel.shape, dilation, layer.groups)
-            estimate = (outer / (n * positions * std**2)).view_as(weight)
+            estimate = outer.div_(n * positions * std**2).view_as(weight)
         else:
-            x = torch.randn((n, weight.shape[1]), generator=gen, device=weight.device, dtype=weight.dtype) * std
+            x = _scaled(torch.randn((n, weight.shape[1]), generator=gen, device=weight.device, dtype=weight.dtype), std)
             y = x @ weight.t()
-            estimate = y.t() @ x / (n * std**2)
+            estimate = (y.t() @ x).div_(n * std**2)
         layer.feedback_weight.lerp_(estimate, opts["mirror_lr"])
 
     def after_step(self, layers):

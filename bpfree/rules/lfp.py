@@ -122,15 +122,21 @@ class _OutputReward(torch.autograd.Function):
 
 
 class _PassReward(torch.autograd.Function):
-    """Forward: the activation's output. Backward: the reward goes to its input unchanged."""
+    """Forward: the activation's output. Backward: the reward goes to its input unchanged.
+
+    The output shares y's memory instead of copying it (one activation-sized pass fewer per
+    layer). The hook hands in y detached, so the activation's own node, which saved y for a
+    backward that never runs, is not in the graph: an in-place op on the output (a residual
+    `out += skip`, an in-place dropout) cannot trip its version check. An in-place
+    activation (ReLU(inplace=True)) hands in y = x, and there the copy stays."""
 
     @staticmethod
-    def forward(ctx, x, y):
-        return y.detach().clone()  # a copy: the activation's own node keeps y for its backward
+    def forward(ctx, x, y, copy=False):
+        return y.detach().clone() if copy else y.detach()
 
     @staticmethod
     def backward(ctx, reward):
-        return reward, None
+        return reward, None, None
 
 
 class _MembraneReward(torch.autograd.Function):
@@ -560,7 +566,11 @@ class LayerwiseFeedbackPropagation(Rule):
         return output
 
     def _activation_hook(self, module, inputs, output):
-        return _PassReward.apply(inputs[0], output) if self._on() else output
+        if not self._on():
+            return output
+        if getattr(module, "inplace", False):  # y is x: a copy
+            return _PassReward.apply(inputs[0], output, True)
+        return _PassReward.apply(inputs[0], output.detach(), False)  # no edge to the activation's node
 
     def _membrane_hook(self, module, inputs, output):
         if not self._on():
