@@ -452,3 +452,25 @@ def test_the_pass_through_shares_the_activations_memory_and_gives_the_copys_feed
         lfp._PassReward = original
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_in_place_activations_run_out_of_place_while_the_rule_is_applied():
+    """torchvision's conv -> ReLU(inplace=True): in place, the ReLU would overwrite the z its
+    layer saved. The rule runs it out of place (the same feedback as a plain ReLU, bit for
+    bit) and puts `inplace` back on removal."""
+    def net(inplace):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=inplace), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 6 * 6, 3))
+
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    grads = []
+    for inplace in (True, False):
+        model = net(inplace)
+        handle = apply_rule(model, "lfp_eps")
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad for p in model.parameters()])
+        handle.remove()
+        assert model[1].inplace is inplace
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

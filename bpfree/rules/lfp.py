@@ -127,16 +127,15 @@ class _PassReward(torch.autograd.Function):
     The output shares y's memory instead of copying it (one activation-sized pass fewer per
     layer). The hook hands in y detached, so the activation's own node, which saved y for a
     backward that never runs, is not in the graph: an in-place op on the output (a residual
-    `out += skip`, an in-place dropout) cannot trip its version check. An in-place
-    activation (ReLU(inplace=True)) hands in y = x, and there the copy stays."""
+    `out += skip`, an in-place dropout) cannot trip its version check."""
 
     @staticmethod
-    def forward(ctx, x, y, copy=False):
-        return y.detach().clone() if copy else y.detach()
+    def forward(ctx, x, y):
+        return y.detach()
 
     @staticmethod
     def backward(ctx, reward):
-        return reward, None, None
+        return reward, None
 
 
 class _MembraneReward(torch.autograd.Function):
@@ -476,6 +475,19 @@ class LFPConv2dFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- the rules
+class _OutOfPlace:
+    """An in-place activation (torchvision's ReLU(inplace=True)) runs out of place while the
+    rule is applied: in place it would overwrite the z that the layer before it saved for
+    the reward's division. The same values; remove() puts `inplace` back."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        module.inplace = False
+
+    def remove(self) -> None:
+        self.module.inplace = True
+
+
 class LayerwiseFeedbackPropagation(Rule):
     """Shared machinery of the LFP variants; each subclass says how a layer propagates
     (propagation(): an EpsilonPropagation or a SplitPropagation)."""
@@ -548,6 +560,8 @@ class LayerwiseFeedbackPropagation(Rule):
                 handles.append(module.register_forward_hook(self._membrane_hook))
             elif isinstance(module, ACTIVATION_CLASSES) or getattr(module, "bpfree_activation", False):
                 handles.append(module.register_forward_hook(self._activation_hook))
+                if getattr(module, "inplace", False):
+                    handles.append(_OutOfPlace(module))
             elif type(module).__name__ == "Add":
                 handles.append(module.register_forward_hook(self._add_hook))
             elif isinstance(module, AVG_POOLS) or getattr(module, "bpfree_proportional_pool", False):
@@ -568,9 +582,7 @@ class LayerwiseFeedbackPropagation(Rule):
     def _activation_hook(self, module, inputs, output):
         if not self._on():
             return output
-        if getattr(module, "inplace", False):  # y is x: a copy
-            return _PassReward.apply(inputs[0], output, True)
-        return _PassReward.apply(inputs[0], output.detach(), False)  # no edge to the activation's node
+        return _PassReward.apply(inputs[0], output.detach())  # no edge to the activation's node
 
     def _membrane_hook(self, module, inputs, output):
         if not self._on():
