@@ -32,9 +32,10 @@ class Backprop(Rule):
     defaults = {}
 
 
-def draw_like_weight(weight: torch.Tensor, init: str, generator) -> torch.Tensor:
-    """A fresh random tensor shaped and scaled like a freshly initialised weight."""
-    tensor = torch.empty_like(weight, memory_format=torch.contiguous_format)
+def draw_like_weight(weight: torch.Tensor, init: str, generator, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh random tensor shaped and scaled like a freshly initialised weight (drawn into
+    `out`, a contiguous tensor of the weight's shape, when given)."""
+    tensor = torch.empty_like(weight, memory_format=torch.contiguous_format) if out is None else out
     if init == "xavier_uniform":
         nn.init.xavier_uniform_(tensor, generator=generator)
     elif init == "kaiming_uniform":
@@ -152,7 +153,7 @@ class RandomMagnitudeSignFeedback(FeedbackRule):
         _remove_state(layer, ("feedback_magnitude",))
 
     def feedback(self, layer):
-        return layer.feedback_magnitude * torch.sign(layer.weight.detach())
+        return torch.sign(layer.weight.detach()).mul_(layer.feedback_magnitude)
 
 
 @register_rule
@@ -198,9 +199,12 @@ class BatchRandomSignFeedback(RandomMagnitudeSignFeedback):
 
     def prepare_batch(self, layer):
         gen = self._redraw_generator(layer.weight.device)
+        magnitude = layer.feedback_magnitude
         with torch.no_grad():
-            fresh = draw_like_weight(layer.weight, self.options["init"], gen).abs_()
-            layer.feedback_magnitude.copy_(fresh)
+            if magnitude.is_contiguous():  # drawn in place: the same draws as into a fresh tensor
+                draw_like_weight(layer.weight, self.options["init"], gen, out=magnitude).abs_()
+            else:  # channels_last: draw in the weight's logical order, as always
+                magnitude.copy_(draw_like_weight(layer.weight, self.options["init"], gen).abs_())
 
 
 @register_rule
