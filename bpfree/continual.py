@@ -15,14 +15,13 @@ import time
 import torch
 
 from bpfree.data import split_mnist_tasks, task_subset, train_val_split
-from bpfree.losses import loss_function
-from bpfree.loop import PER_BATCH_SCHEDULES, Batches, Callback, EpochStats, Trainee, fit
+from bpfree.loop import Callback, EpochStats, fit
 from bpfree.models import build_model
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
-from bpfree.spec import RunSpec, as_run_spec, or_default
-from bpfree.training import (DeviceSplits, build_optimizer, build_scheduler, evaluate_split, normalisation,
-                             parameter_groups, resize_images, seed_everything, set_determinism)
+from bpfree.spec import RunSpec, as_run_spec
+from bpfree.training import (DeviceSplits, batch_generators, batches_and_trainee, build_optimizer, evaluate_split,
+                             normalisation, parameter_groups, resize_images, seed_everything, set_determinism)
 
 VAL_FRACTION = 0.2
 
@@ -40,12 +39,6 @@ def task_images(data, classes, seed: int, device, resize: int | None = None) -> 
                         take(data.x_train, x_all[va]), y_all[va].to(device),
                         take(data.x_test, x_test_idx), y_test.to(device), mean, std, True, len(classes),
                         {"classes": list(classes)})
-
-
-def task_generators(run: RunSpec, seed: int, device) -> tuple[torch.Generator, torch.Generator | None]:
-    """Batch-order and augmentation generators, drawn once per run so tasks share the streams."""
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if run.preprocess.augments else None
-    return torch.Generator().manual_seed(seed), augment_gen
 
 
 class _LastEpochValidation(Callback):
@@ -66,12 +59,8 @@ def train_task(model, handle, images: DeviceSplits, run: RunSpec, order_gen, aug
                epochs: int | None = None) -> tuple[list[dict], dict | None]:
     """Learn one task with a fresh optimiser and scheduler; returns (history, divergence or None)."""
     optimizer = build_optimizer(parameter_groups(model, run.optimizer), run.optimizer)  # fresh per task
-    batches = Batches(images, int(run.batch_size), order_gen, augment_gen, run.preprocess.crop,
-                      bool(run.preprocess.flip), *run.batch_order)
     epochs = int(run.epochs if epochs is None else epochs)
-    scheduler = build_scheduler(optimizer, run.schedule, batches.steps, epochs)
-    trainee = Trainee(model, handle, optimizer, scheduler, run.schedule.name in PER_BATCH_SCHEDULES,
-                      run.optimizer.clip, loss_function(or_default(run.loss, None)))
+    batches, trainee = batches_and_trainee(run, images, model, handle, optimizer, (order_gen, augment_gen), epochs)
     validation = _LastEpochValidation(model, images, task, epochs)
     outcome = fit(trainee, batches, epochs, callbacks=[validation])
     if outcome.diverged is not None:
@@ -96,7 +85,7 @@ def train_continual(run: RunSpec | dict, data, device, *, log=None) -> dict:
     seed_everything(seed)
     model = build_model(run.model.name, num_classes=spec["classes_per_task"], **run.model.options).to(device)
     handle = apply_rule(model, run.rule.name, **run.rule.options)
-    order_gen, augment_gen = task_generators(run, seed, device)
+    order_gen, augment_gen = batch_generators(run, device)  # once per run: the tasks share the streams
     matrix: list[list[float]] = []  # matrix[i][t]: test accuracy on task t after learning task i
     history, status, diverged = [], STATUS_OK, None
     for task_index, images in enumerate(per_task):

@@ -55,6 +55,11 @@ class _Spec:
                   for k, v in d.items()}
         return cls(**values)
 
+    @classmethod
+    def of(cls, value, where: str = "run"):
+        """`value` as it is when it is already this spec, else a mapping checked into one."""
+        return value if isinstance(value, cls) else cls.from_dict(value, where)
+
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
@@ -221,6 +226,11 @@ class RunSpec(_Spec):
         return int(or_default(self.log_every, 1))
 
     @property
+    def loss_name(self) -> str | None:
+        """The training loss (None: cross-entropy)."""
+        return or_default(self.loss, None)
+
+    @property
     def deterministic_kernels(self) -> bool:
         return bool(or_default(self.deterministic, True))
 
@@ -242,4 +252,4 @@ class RunSpec(_Spec):
 
 def as_run_spec(run) -> RunSpec:
     """A RunSpec as it is, a run dict checked into one (an unknown key is refused here)."""
-    return run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
+    return RunSpec.of(run)

@@ -323,7 +323,7 @@ def parameter_groups(model: nn.Module, cfg: OptimizerSpec | dict):
     bias learning rate 1/batch of the weights'. The weights' group comes first, so
     param_groups[0]["lr"] stays the run's lr.
     """
-    cfg = OptimizerSpec.from_dict(cfg, "optimizer") if isinstance(cfg, dict) else cfg
+    cfg = OptimizerSpec.of(cfg, "optimizer")
     if cfg.bias_scale == 1:
         return list(model.parameters())
     named = list(model.named_parameters())
@@ -334,7 +334,7 @@ def parameter_groups(model: nn.Module, cfg: OptimizerSpec | dict):
 
 def build_optimizer(params, cfg: OptimizerSpec | dict) -> torch.optim.Optimizer:
     """SGD (no momentum, decay or Nesterov unless set) or Adam with torch's default betas."""
-    cfg = OptimizerSpec.from_dict(cfg, "optimizer") if isinstance(cfg, dict) else cfg
+    cfg = OptimizerSpec.of(cfg, "optimizer")
     decay = or_default(cfg.weight_decay, 0.0)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=or_default(cfg.momentum, 0.0), weight_decay=decay,
@@ -348,7 +348,7 @@ def build_scheduler(optimizer, cfg: ScheduleSpec | dict, steps_per_epoch: int = 
     """Stepped once per EPOCH by the trainer (stepping per batch is a classic reproduction
     bug), except OneCycle, which is defined per batch (PER_BATCH_SCHEDULES) and stepped so.
     An unset gamma is 0.1, an unset OneCycle peak the optimiser's lr, its warm-up 30 %."""
-    cfg = ScheduleSpec.from_dict(cfg, "schedule") if isinstance(cfg, dict) else cfg
+    cfg = ScheduleSpec.of(cfg, "schedule")
     gamma = or_default(cfg.gamma, 0.1)
     if cfg.name == "onecycle":
         max_lr = or_default(cfg.max_lr, optimizer.param_groups[0]["lr"])
@@ -600,20 +600,34 @@ def build_single_task(run: RunSpec, data, device) -> SingleTask:
     model = build_model(run.model.name, num_classes=images.num_classes, **run_model_options(run, images)).to(device)
     handle = apply_rule(model, run.rule.name, **run.rule.options)
     optimizer = build_optimizer(parameter_groups(model, run.optimizer), run.optimizer)  # after KP adds B
-    loss_fn = loss_function(or_default(run.loss, None))
     net, autocast = speed_setup(model, images, run.speed_settings, device, ranks)
-    bs = int(run.batch_size)
-    if ranks is not None and bs % ranks.world:
-        raise ValueError(f"batch_size {bs} is not divisible by the {ranks.world} data-parallel ranks")
-    order_gen = torch.Generator().manual_seed(seed)
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1) if run.preprocess.augments else None
-    batches = Batches(images, bs, order_gen, augment_gen, run.preprocess.crop, bool(run.preprocess.flip),
-                      *run.batch_order, ranks)
-    scheduler = build_scheduler(optimizer, run.schedule, batches.steps, int(run.epochs))
-    trainee = Trainee(net, handle, optimizer, scheduler, run.schedule.name in PER_BATCH_SCHEDULES,
-                      run.optimizer.clip, loss_fn, autocast)
+    if ranks is not None and int(run.batch_size) % ranks.world:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by the {ranks.world} data-parallel ranks")
+    generators = batch_generators(run, device)
+    batches, trainee = batches_and_trainee(run, images, net, handle, optimizer, generators, int(run.epochs),
+                                           autocast, ranks)
     return SingleTask(run, device, ranks, determinism, images, model, trainee, batches,
-                      {"order": order_gen, "augment": augment_gen})
+                      {"order": generators[0], "augment": generators[1]})
+
+
+def batch_generators(run: RunSpec, device) -> tuple[torch.Generator, torch.Generator | None]:
+    """The batch-order and augmentation streams, from the run seed alone (augmentation only
+    when the run augments): what the model and the rule draw never shifts the batches."""
+    seed = int(run.seed)
+    augment = torch.Generator(device=device).manual_seed(seed + 1) if run.preprocess.augments else None
+    return torch.Generator().manual_seed(seed), augment
+
+
+def batches_and_trainee(run: RunSpec, images: DeviceSplits, net: nn.Module, handle, optimizer, generators,
+                        epochs: int, autocast=None, ranks=None) -> tuple[Batches, Trainee]:
+    """One training set's batch walk, and what a step updates with the run's schedule,
+    clipping and loss (a single task, and each task of a sequence)."""
+    batches = Batches(images, int(run.batch_size), *generators, run.preprocess.crop, bool(run.preprocess.flip),
+                      *run.batch_order, ranks)
+    scheduler = build_scheduler(optimizer, run.schedule, batches.steps, epochs)
+    trainee = Trainee(net, handle, optimizer, scheduler, run.schedule.name in PER_BATCH_SCHEDULES,
+                      run.optimizer.clip, loss_function(run.loss_name), autocast)
+    return batches, trainee
 
 
 class Diagnostics(Callback):

@@ -17,13 +17,13 @@ import time
 import torch
 from torch import nn
 
-from bpfree.continual import task_generators, task_images, train_task
+from bpfree.continual import task_images, train_task
 from bpfree.models import build_model
 from bpfree.pruning import sign_flip_fraction
 from bpfree.record import STATUS_DIVERGED, STATUS_OK, RunRecord, final_selection
 from bpfree.rules import apply_rule
 from bpfree.spec import RunSpec, as_run_spec
-from bpfree.training import DeviceSplits, evaluate_split, seed_everything, set_determinism
+from bpfree.training import DeviceSplits, batch_generators, evaluate_split, seed_everything, set_determinism
 
 
 def limit_images(images: DeviceSplits, train: int | None, test: int | None, seed: int) -> DeviceSplits:
@@ -88,7 +88,7 @@ def train_transfer(run: RunSpec | dict, data, device, *, log=None) -> dict:
                                 run.train_subset, run.test_subset, seed)
               for key, cls in classes.items()}
     target = images["target"]
-    order_gen, augment_gen = task_generators(run, seed, device)
+    order_gen, augment_gen = batch_generators(run, device)
     history, diverged, source_acc = [], None, None
     if "source" in images:
         source = images["source"]
