@@ -170,6 +170,20 @@ def peak_memory_mb(case: Case, rule: str, device: torch.device, steps: int = 2) 
     return peak, added
 
 
+def step_flops(case: Case, rule: str, device: torch.device) -> int:
+    """Matrix-product and convolution FLOPs of one step of `rule` (torch.utils.flop_counter),
+    after one uncounted step (lazily drawn feedback). Why: where these products dominate a
+    step, as on one CPU thread, a rule's time ratio to BP cannot go far below its products'
+    ratio; elementwise work and random draws are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = make_step(case, rule, device)
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, repeats: int,
                    rules: list[str] | None = None, log=None) -> dict:
     """Median and spread of every rule's step time, interleaved with BP's; ratios to BP."""
@@ -205,6 +219,9 @@ def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, re
     del builders
     for rule in results:
         results[rule]["memory_mb"], results[rule]["memory_added_mb"] = peak_memory_mb(case, rule, device)
+        results[rule]["flops"] = step_flops(case, rule, device)
+    for rule in results:
+        results[rule]["flops_ratio_to_bp"] = results[rule]["flops"] / results["bp"]["flops"]
     for rule, error in errors.items():
         results[rule] = {"error": error}
     return {"case": case.name, "description": case.description, "batch": case.batch,
@@ -231,8 +248,15 @@ def _plain_step(model: torch.nn.Module, x, y):
     return step
 
 
-def _biotorch_lenet_steps(device: torch.device, batch: int):
-    """(ours, biotorch's) FA steps on biotorch's LeNetCIFAR with the same weights and batch."""
+def _in_channels_last(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The trainer's `speed.channels_last` (training.py): the model and its images in NHWC."""
+    model.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _biotorch_lenet_steps(device: torch.device, batch: int, channels_last: bool = False):
+    """(ours, biotorch's) FA steps on biotorch's LeNetCIFAR with the same weights and batch;
+    `channels_last`: ours with the trainer's speed setting of that name."""
     import contextlib
     import copy
     import io
@@ -254,18 +278,19 @@ def _biotorch_lenet_steps(device: torch.device, batch: int):
     optimizer = torch.optim.SGD(ours.parameters(), lr=0.01, momentum=0.9)
     bio.train()
     ours.train()
+    our_x = _in_channels_last(ours, x) if channels_last else x
 
     def our_step():
-        optimisation_step(ours, handle, optimizer, x, y)
+        optimisation_step(ours, handle, optimizer, our_x, y)
     return our_step, _plain_step(bio, x, y)
 
 
-def _lfprop_vgg_steps(device: torch.device, batch: int):
+def _lfprop_vgg_steps(device: torch.device, batch: int, channels_last: bool = False):
     """(ours, lfprop's) LFP-eps steps on the E2 VGG with the same weights and batch: ours is
     the trainer's step with the authors' settings (reward per sample, update norm clipped at
     3.0); theirs is Trainer.lfp_step of the authors' run_experiment.py (c90f1cc, lines
     144-179): composite context, forward, SoftmaxLossReward, autograd.grad, grad = -feedback,
-    clip_grad_norm_ 3.0, SGD step."""
+    clip_grad_norm_ 3.0, SGD step. `channels_last`: ours with the trainer's speed setting."""
     import copy
     import warnings
 
@@ -284,9 +309,10 @@ def _lfprop_vgg_steps(device: torch.device, batch: int):
     warnings.filterwarnings("ignore", message="This functionality is not yet fully tested")  # lxt, each step
     composite = propagator_lxt.LFPEpsilonComposite(epsilon=1e-6)
     criterion = reward_functions.SoftmaxLossReward(device)
+    our_x = _in_channels_last(ours, x) if channels_last else x
 
     def our_step():
-        optimisation_step(ours, handle, our_optimizer, x, y)
+        optimisation_step(ours, handle, our_optimizer, our_x, y)
 
     def their_step():
         their_optimizer.zero_grad()
@@ -315,15 +341,18 @@ def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, bat
         pairs.append((f"bp (bpfree's step) vs a plain PyTorch loop, {case.description}", ours,
                       _plain_step(model, x, y), "PyTorch"))
     try:
-        our_fa, bio_fa = _biotorch_lenet_steps(device, batch)
-        pairs.append(("fa vs biotorch 0.0.16's fa, LeNet-CIFAR (biotorch's model)", our_fa, bio_fa, "biotorch"))
+        for layout in ("", ", ours with speed.channels_last"):
+            our_fa, bio_fa = _biotorch_lenet_steps(device, batch, channels_last=bool(layout))
+            pairs.append((f"fa vs biotorch 0.0.16's fa, LeNet-CIFAR (biotorch's model){layout}", our_fa, bio_fa,
+                          "biotorch"))
         missing = None
     except ImportError as error:
         missing = f"biotorch not installed ({error.name}): pip install --no-deps -r requirements-parity.txt"
     try:
-        our_lfp, their_lfp = _lfprop_vgg_steps(device, batch)
-        pairs.append((f"lfp_eps vs lfprop {_peer_packages().get('lfprop', '?')}'s lfp_step, the E2 VGG", our_lfp, their_lfp,
-                      "lfprop"))
+        for layout in ("", ", ours with speed.channels_last"):
+            our_lfp, their_lfp = _lfprop_vgg_steps(device, batch, channels_last=bool(layout))
+            pairs.append((f"lfp_eps vs lfprop {_peer_packages().get('lfprop', '?')}'s lfp_step, the E2 VGG{layout}",
+                          our_lfp, their_lfp, "lfprop"))
         lfprop_missing = None
     except ImportError as error:
         lfprop_missing = f"{LFPROP_NOTE} ({error.name} not importable here)"
@@ -437,7 +466,11 @@ def render_markdown(records: dict) -> str:
              "optimizer) on the same model and batch, interleaved with BP over the repeats after a warm-up.",
              "Ratios are median step time over BP's median. GPU targets (issue 9): FA, uSF, brSF, frSF, adaFA,",
              "DFA <= 1.15; KP, WM, BackMAN <= 1.3; LFP <= 1.5; LFNN and the block rules do extra forward work",
-             "by design (column 'extra work'). On CPU the targets are shown for reference only.", ""]
+             "by design (column 'extra work'). On CPU the targets are shown for reference only.",
+             "'products × BP': the matrix-product and convolution FLOPs of one step over BP's",
+             "(torch.utils.flop_counter; elementwise work and random draws not counted). Where those products",
+             "dominate the step, as on one CPU thread, the time ratio cannot go far below it: a target under",
+             "it needs a rule that does less arithmetic, not a faster step.", ""]
     for profile, record in sorted(records.items()):
         env = record.get("environment", {})
         git = record.get("git", {})
@@ -450,18 +483,19 @@ def render_markdown(records: dict) -> str:
                   f"`{str(git.get('commit', '?'))[:12]}`{' (dirty tree)' if git.get('dirty') else ''}", ""]
         for case in record["cases"]:
             lines += [f"### {case['description']} — batch {case['batch']}, {case['optimizer']}", "",
-                      "| rule | median ms | p25–p75 ms | steps/s | × BP | GPU target | memory MB | extra work |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| rule | median ms | p25–p75 ms | steps/s | × BP | products × BP | GPU target | memory MB | extra work |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for rule, r in case["rules"].items():
                 if "error" in r:
-                    lines.append(f"| {rule} | — | — | — | — | — | — | cannot run: {r['error']} |")
+                    lines.append(f"| {rule} | — | — | — | — | — | — | — | cannot run: {r['error']} |")
                     continue
                 target = r.get("gpu_target")
                 mark = "" if target is None else f"≤ {target:g}"
                 if target is not None and record["device"].startswith("cuda"):
                     mark += " ✓" if r["ratio_to_bp"] <= target else " ✗"
                 lines.append(f"| {rule} | {_fmt(r['median_ms'])} | {_fmt(r['p25_ms'])}–{_fmt(r['p75_ms'])} | "
-                             f"{_fmt(r['steps_per_s'], 1)} | {_fmt(r['ratio_to_bp'])} | {mark or '—'} | "
+                             f"{_fmt(r['steps_per_s'], 1)} | {_fmt(r['ratio_to_bp'])} | {_fmt(r.get('flops_ratio_to_bp'))} | "
+                             f"{mark or '—'} | "
                              f"{_memory(r, record)} | {r.get('extra_work') or ''} |")
             lines.append("")
         if record.get("peers"):
@@ -480,4 +514,4 @@ def render_markdown(records: dict) -> str:
 
 
 __all__ = ["CASES", "PROFILES", "Case", "benchmark_case", "make_step", "peak_memory_mb", "record_profile",
-           "render_markdown", "rules_for", "run_benchmark"]
+           "render_markdown", "rules_for", "run_benchmark", "step_flops"]

@@ -26,12 +26,29 @@ def test_benchmark_times_every_rule_with_ratios_and_renders():
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
         assert len(r["samples_ms"]) == 2 and r["memory_mb"] is not None
+        assert r["flops"] > 0 and r["flops_ratio_to_bp"] == r["flops"] / rules["bp"]["flops"]
     assert rules["fa"]["gpu_target"] == 1.15 and rules["dtp"]["extra_work"]
     record = {"device": "cpu", "device_name": "x", "threads": 1, "dtype": "float32", "warmup": 1, "steps": 1,
               "repeats": 2, "memory": "rss", "environment": {"torch": "t"}, "git": {"commit": "abc"},
               "cases": [result]}
     text = render_markdown({"smoke": record})
-    assert "| dtp |" in text and "× BP" in text
+    assert "| dtp |" in text and "× BP" in text and "products × BP" in text
+
+
+def test_products_count_each_rules_matrix_work():
+    """The 'products x BP' column, against a count by hand on a small MLP: WM adds its two
+    mirror products per layer (noise batch 64), LFP-eps none, the split LFP its sign pieces."""
+    from bpfree.benchmark import step_flops
+    case = dataclasses.replace(CASES["mlp_mnist"], batch=16, options={"in_features": 784, "widths": [32, 16]})
+    sizes = [784 * 32, 32 * 16, 16 * 10]  # in x out per layer
+    unit = [2 * 16 * s for s in sizes]  # one batch-sized product through each layer
+    cpu = torch.device("cpu")
+    bp = step_flops(case, "bp", cpu)
+    assert bp == 2 * unit[0] + 3 * unit[1] + 3 * unit[2]  # no product sends to the data
+    assert step_flops(case, "lfp_eps", cpu) == bp
+    assert step_flops(case, "wm", cpu) == bp + sum(2 * 2 * 64 * s for s in sizes)
+    # the data is signed: z, 4 sign products and 4 collects; behind a ReLU: z, z+-, 2 sends, 2 collects
+    assert step_flops(case, "lfp_ab", cpu) == 9 * unit[0] + 7 * unit[1] + 7 * unit[2]
 
 
 def test_a_rule_that_cannot_run_a_model_is_reported_not_fatal():
@@ -45,7 +62,8 @@ def test_peer_ratios_time_our_steps_against_pytorch_and_biotorch_interleaved():
     pytest.importorskip("biotorch", reason="biotorch not installed: pip install --no-deps -r requirements-parity.txt")
     peers = peer_ratios(torch.device("cpu"), warmup=1, steps=1, repeats=2, batch=8)
     timed = [p for p in peers if "missing" not in p]
-    assert [p["peer"] for p in timed] == ["PyTorch", "PyTorch", "biotorch"]
+    assert [p["peer"] for p in timed] == ["PyTorch", "PyTorch", "biotorch", "biotorch"]
+    assert "channels_last" in timed[3]["pair"] and "channels_last" not in timed[2]["pair"]
     assert all(p["ratio"] > 0 and p["ratio_min"] <= p["ratio"] * 1.0000001 for p in timed)
     assert [p["peer"] for p in peers if "missing" in p] == ["lfprop"]
     record = {"device": "cpu", "device_name": "x", "threads": 1, "dtype": "float32", "warmup": 1, "steps": 1,

@@ -65,6 +65,25 @@ def test_every_rule_under_torch_compile_matches_eager(rule, model_name):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("rule", bpfree.list_layer_rules())
+def test_every_layer_rule_in_channels_last_matches_contiguous(rule):
+    """speed.channels_last (the model and images in NHWC, as the bench's peer rows time it)
+    changes the convolutions' summation order only: the same .grad to rounding."""
+    grads = []
+    for channels_last in (False, True):
+        model, handle, x, y = build(rule, "lenet_mnist")
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(3)
+        optimisation_step(model, handle, optimizer, x, y)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_speed_profile_key_is_validated_and_only_set_when_used(params):
     exp_id = "F1_sick_transformer_depth"
     plain = resolve_experiment(params, exp_id, "cpu")
