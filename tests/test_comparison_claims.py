@@ -1,12 +1,10 @@
 """Comparison claims (qualitative statements as checks over sweeps), sweep tables and figures."""
-from pathlib import Path
-
 import pytest
 import yaml
 
 from bpfree.claims import (DIVERGED, FAIL, NOT_RUN, PASS, ClaimsError, check_label, evaluate_claim,
                            load_registry)
-from bpfree.plots import draw_figure, sweep_series
+from bpfree.plots import sweep_series
 from bpfree.reporting import sweep_table, write_reports
 
 

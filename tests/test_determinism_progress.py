@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from bpfree.config import ConfigError, config_hash, resolve_experiment, run_configs, validate_params
+from bpfree.config import ConfigError, config_hash, run_configs, validate_params
 from bpfree.progress import epoch_bar, progress_wanted
 from bpfree.training import recording_nondeterministic_ops, set_determinism, train_run
 from tests.test_training import mlp_run

@@ -1,7 +1,6 @@
 """Pruning curves, Gini coefficients and sign-flip fractions (LFP paper E3/E5 measures)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bpfree.pruning import (gini, layer_gini, pruning_curve, pruning_masks, relevance_scores,

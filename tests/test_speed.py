@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bpfree
 from bpfree.config import ConfigError, resolve_experiment, validate_params

@@ -15,7 +15,7 @@ from torch import nn
 
 from bpfree import distributed
 from bpfree.rules.base import CONV_LAYERS, register_rule
-from bpfree.rules.fa import FEEDBACK_INITS, StoredFeedbackRule, draw_like_weight
+from bpfree.rules.fa import StoredFeedbackRule, draw_like_weight
 from bpfree.rules.functional import conv_weight_gradient
 
 
