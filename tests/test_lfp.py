@@ -356,6 +356,44 @@ def test_split_variants_in_two_stacked_products_equal_the_twelve_product_message
         assert R.split_messages_stacked(*args, a, beta, need_input=False)[0] is None
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_split_layer_computes_its_sign_pieces_once(conv, signed):
+    """A split layer's forward computes z+ and z- and outputs z+ + z- + bias (the layer's z to
+    rounding); its backward reuses them, so the feedback is the one a backward computing them
+    afresh gives, bit for bit, and behind a ReLU a step does 6 products of the layer, not 7
+    (z+, z-, their sends and collects). A signed Linear input keeps the layer's own z and its
+    backward computes the pieces: 13 products (z, 4 pieces, 4 sends, 4 collects)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bpfree.rules import lfp as R
+    torch.manual_seed(0)
+    if conv:
+        layer, x = nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 6, 6)
+        unit = 2 * 2 * 36 * 4 * 3 * 9  # one product of the layer: 2 x N x HW x out x in x k x k
+    else:
+        layer, x = nn.Linear(5, 4), torch.randn(6, 5)
+        unit = 2 * 6 * 4 * 5
+    x = x if signed else torch.relu(x)
+    apply_rule(layer, "lfp_ab", reward="negative_gradient")
+    x_in = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        z = layer(x_in)
+        reward = torch.randn_like(z)
+        z.backward(-reward)  # reward = -grad
+    plain = F.conv2d(x, layer.weight, layer.bias, padding=1) if conv else F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(z, plain, rtol=1e-5, atol=1e-5)
+    if conv:  # stacked: [x+, x-] doubles a signed input
+        assert counter.get_total_flops() == (2 if signed else 1) * 6 * unit
+    else:
+        assert counter.get_total_flops() == (13 if signed else 6) * unit
+    w = layer.weight.detach()
+    ops = R._ConvOps(x, ((1, 1), (1, 1), (1, 1), 1), w) if conv else R._LinearOps(x)
+    b = ops.bias_view(layer.bias.detach(), z)
+    fresh = R._split(ops, x)(ops, x, R._pos(w), R._neg(w), R._pos(b), R._neg(b), reward, 2.0, 1.0)  # lfp_ab
+    assert torch.equal(x_in.grad, fresh[0]) and torch.equal(-layer.weight.grad, torch.sign(w) * fresh[1])
+
+
 def test_the_epsilon_division_keeps_its_values_bit_for_bit():
     """_divide's in-place form gives what r / (z + eps sign z) with sign(0) = +1 gives, and
     LFP-0's zero for z = 0, to the bit (smoke runs recorded with the old form stay valid)."""

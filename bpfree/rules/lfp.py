@@ -252,6 +252,10 @@ class _LinearOps:
     def forward(x, w):
         return x @ w.t()
 
+    @staticmethod
+    def layer(x, w, b):
+        return F.linear(x, w, b)
+
     def send(self, s, w):  # sum_j w_ij s_j, in the input's shape
         return s @ w
 
@@ -279,8 +283,11 @@ class _ConvOps:
         self.x, self.conv, self.weight = x, conv, weight  # conv = (stride, padding, dilation, groups)
 
     def forward(self, x, w):
+        return self.layer(x, w, None)
+
+    def layer(self, x, w, b):
         stride, padding, dilation, groups = self.conv
-        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     def _backward(self, s, x, w, mask):
         stride, padding, dilation, groups = self.conv
@@ -312,12 +319,20 @@ class _ConvOps:
         return s.sum((0, 2, 3))
 
 
-def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
-    """(reward to the input, weight share, s+, s-) of the split variants, for any sign of x;
-    the reward to the input is None when nothing consumes it (need_input False)."""
+def signed_pieces(ops, x, w_pos, w_neg):
+    """(z+, z-) without their bias pieces, for any sign of x: four products."""
     x_pos, x_neg = _pos(x), _neg(x)
-    z_pos = ops.forward(x_pos, w_pos) + ops.forward(x_neg, w_neg) + b_pos
-    z_neg = ops.forward(x_pos, w_neg) + ops.forward(x_neg, w_pos) + b_neg
+    return (ops.forward(x_pos, w_pos) + ops.forward(x_neg, w_neg),
+            ops.forward(x_pos, w_neg) + ops.forward(x_neg, w_pos))
+
+
+def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True, pieces=None):
+    """(reward to the input, weight share, s+, s-) of the split variants, for any sign of x;
+    the reward to the input is None when nothing consumes it (need_input False). `pieces`:
+    signed_pieces' result, when the layer's forward already computed it (SplitPropagation)."""
+    x_pos, x_neg = _pos(x), _neg(x)
+    p_pos, p_neg = signed_pieces(ops, x, w_pos, w_neg) if pieces is None else pieces
+    z_pos, z_neg = p_pos + b_pos, p_neg + b_neg
     s_pos = reward / (z_pos + STABILISER)
     s_neg = reward / (z_neg - STABILISER)
     r_in = None if not need_input else \
@@ -328,12 +343,17 @@ def split_messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=
     return r_in, share, s_pos, s_neg
 
 
-def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
+def nonnegative_pieces(ops, x, w_pos, w_neg):
+    """(z+, z-) without their bias pieces, for x >= 0: two products."""
+    return ops.forward(x, w_pos), ops.forward(x, w_neg)
+
+
+def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True, pieces=None):
     """split_messages for x >= 0 (behind a ReLU: every layer but the first). x- is exactly 0,
     so the six products with it are exact zeros: skipping them halves the work and gives the
     same values bit for bit (tests/test_lfp.py)."""
-    z_pos = ops.forward(x, w_pos) + b_pos
-    z_neg = ops.forward(x, w_neg) + b_neg
+    p_pos, p_neg = nonnegative_pieces(ops, x, w_pos, w_neg) if pieces is None else pieces
+    z_pos, z_neg = p_pos + b_pos, p_neg + b_neg
     s_pos = reward / (z_pos + STABILISER)
     s_neg = reward / (z_neg - STABILISER)
     r_in = None if not need_input else a * (x * ops.send(s_pos, w_pos)) - b * (x * ops.send(s_neg, w_neg))
@@ -341,27 +361,46 @@ def split_messages_nonnegative(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b,
     return r_in, share, s_pos, s_neg
 
 
-def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True):
-    """split_messages in two products instead of up to twelve. The sign pieces are stacked
-    into one layer with inputs [x+, x-] (x- dropped when x >= 0, as behind a ReLU) and
-    outputs [z+, z-], weights [[w+, w-], [w-, w+]]: one forward gives z+ and z-, and one
-    backward step (with the rows scaled by a and -b) both the reward to the input and the
-    weight shares. The same sums as split_messages in another order, so equal to rounding
-    (tests/test_lfp.py); no activation-sized concatenation but the first layer's [x+, x-]."""
-    signed = bool(x.lt(0).any())
+def _stacked_weights(w_pos, w_neg, signed):
+    """The stacked layer's weights: outputs [z+, z-] from inputs [x+, x-] ([[w+, w-], [w-, w+]]),
+    or from x alone when x >= 0 ([w+, w-])."""
     if signed:
-        x_pos, x_neg = _pos(x), _neg(x)
-        x_in = torch.cat([x_pos, x_neg], ops.channel_dim)
-        w = torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)], 0)
+        return torch.cat([torch.cat([w_pos, w_neg], 1), torch.cat([w_neg, w_pos], 1)], 0)
+    return torch.cat([w_pos, w_neg], 0)
+
+
+def stacked_pieces(ops, x, w_pos, w_neg):
+    """([z+, z-],) or, for a signed x, ([z+, z-], [x+, x-]): z+ and z- without their bias
+    pieces, side by side on ops.pair_dim, from one product of the layer stacked from the
+    sign pieces; the stacked input is kept so the backward neither concatenates it again
+    nor scans x for its sign again."""
+    signed = bool(x.lt(0).any())
+    x_in = torch.cat([_pos(x), _neg(x)], ops.channel_dim) if signed else x
+    pair = ops.forward(x_in, _stacked_weights(w_pos, w_neg, signed)).unflatten(ops.channel_dim, (2, w_pos.shape[0]))
+    return (pair, x_in) if signed else (pair,)
+
+
+def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input=True, pieces=None):
+    """split_messages in two products instead of up to twelve. The sign pieces are stacked
+    into one layer (_stacked_weights): one forward gives z+ and z-, and one backward step (with
+    the rows scaled by a and -b) both the reward to the input and the weight shares. The same
+    sums as split_messages in another order, so equal to rounding (tests/test_lfp.py); no
+    activation-sized concatenation but the first layer's [x+, x-]. `pieces`: stacked_pieces'
+    result, when the layer's forward already computed it (SplitPropagation)."""
+    pair, *stacked_input = stacked_pieces(ops, x, w_pos, w_neg) if pieces is None else pieces
+    signed = bool(stacked_input)
+    if signed:
+        x_in = stacked_input[0]
+        x_pos, x_neg = x_in.chunk(2, ops.channel_dim)
         w_scaled = torch.cat([a * torch.cat([w_pos, w_neg], 1), -b * torch.cat([w_neg, w_pos], 1)], 0)
     else:
-        x_in, w, w_scaled = x, torch.cat([w_pos, w_neg], 0), torch.cat([a * w_pos, -b * w_neg], 0)
-    pair = ops.pair_dim  # z+ and z- side by side on this axis: (..., 2, J) or (B, 2, J, H, W)
-    z = ops.forward(x_in, w).unflatten(ops.channel_dim, (2, w_pos.shape[0]))
-    z.select(pair, 0).add_(b_pos + STABILISER)
-    z.select(pair, 1).add_(b_neg - STABILISER)
-    s = reward.unsqueeze(pair) / z
-    sent, collected = ops.send_collect(s.flatten(*sorted((pair, pair + 1))), w_scaled, x_in, need_input)
+        x_in, w_scaled = x, torch.cat([a * w_pos, -b * w_neg], 0)
+    pair_dim = ops.pair_dim  # z+ and z- side by side on this axis: (..., 2, J) or (B, 2, J, H, W)
+    z = torch.empty_like(pair)  # the stabilised pieces, in one pass; the saved pair stays as it is
+    for side, offset in ((0, b_pos + STABILISER), (1, b_neg - STABILISER)):
+        torch.add(pair.select(pair_dim, side), offset, out=z.select(pair_dim, side))
+    s = reward.unsqueeze(pair_dim) / z
+    sent, collected = ops.send_collect(s.flatten(*sorted((pair_dim, pair_dim + 1))), w_scaled, x_in, need_input)
     top, bottom = collected.chunk(2, 0)  # s+ and s- against the inputs
     if signed:
         (pp, pn), (np_, nn_) = top.chunk(2, 1), bottom.chunk(2, 1)  # [x+, x-] columns
@@ -374,7 +413,7 @@ def split_messages_stacked(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, nee
     else:
         share = a * (w_pos * top) - b * (w_neg * bottom)
         r_in = None if sent is None else x * sent
-    s_pos, s_neg = s.unbind(pair)
+    s_pos, s_neg = s.unbind(pair_dim)
     return r_in, share, s_pos, s_neg
 
 
@@ -386,10 +425,17 @@ class EpsilonPropagation:
     def __init__(self, eps: float, normalised: bool = False):
         self.eps, self.normalised = eps, normalised
 
-    def __call__(self, ops, x, weight, bias, z, reward, need_input=True):
+    @staticmethod
+    def layer_forward(ops, x, weight, bias):
+        """(the layer's output z, the tensors its backward reads: (z,), no form): the layer's own z."""
+        z = ops.layer(x, weight, bias)
+        return z, (z,), None
+
+    def __call__(self, ops, x, weight, bias, saved, reward, need_input=True, form=None):
         """(reward to the input, weight feedback F, bias feedback F_b) of one layer. The reward
         to the input costs a transposed product per layer; the first layer's input (the data)
         takes none, so it is skipped there (need_input False), as autograd skips BP's."""
+        (z,) = saved
         s = reward if self.normalised else _divide(reward, z, self.eps)
         sent, collected = ops.send_collect(s, weight, x, need_input)
         r_in = None if sent is None else x * sent
@@ -409,6 +455,10 @@ def _split(ops, x):
     return split_messages_nonnegative if not bool(x.lt(0).any()) else split_messages
 
 
+_PIECES = {split_messages: signed_pieces, split_messages_nonnegative: nonnegative_pieces,
+           split_messages_stacked: stacked_pieces}  # what each form's forward saves
+
+
 class SplitPropagation:
     """LFP-alpha-beta (a = alpha, b = beta) and LFP-z+z- (a = 1/2, b = -1/2): the message
     R_ij = a (w x)+_ij s+_j - b (w x)-_ij s-_j, with (w x)+ = w+ x+ + w- x- and
@@ -417,12 +467,34 @@ class SplitPropagation:
     def __init__(self, a: float, b: float):
         self.a, self.b = a, b
 
-    def __call__(self, ops, x, weight, bias, z, reward, need_input=True):
+    @staticmethod
+    def layer_forward(ops, x, weight, bias):
+        """(z, the pieces z+ and z- without bias, the form of the messages). Behind a ReLU and in
+        stacked conv layers the output is z+ + z- (+ bias): the backward reuses the pieces
+        instead of computing them again (one product of the layer per step less, of seven;
+        the price is one more activation-sized tensor kept per layer), and z is the layer's
+        own to rounding, not to the bit. A Linear layer with a signed input keeps its own z
+        and its backward makes the four pieces: there the clamps of x and the sum cost more
+        than the one product saved (the bench's transformer, whose layers sit behind
+        LayerNorm and GELU, took 2.92 x BP's step that way against 2.69, one measurement)."""
+        form = _split(ops, x)
+        if form is split_messages:
+            return ops.layer(x, weight, bias), (), form
+        pieces = _PIECES[form](ops, x, _pos(weight), _neg(weight))
+        z_pos, z_neg = pieces[0].unbind(ops.pair_dim) if form is split_messages_stacked else pieces
+        z = z_pos + z_neg
+        return (z if bias is None else z.add_(ops.bias_view(bias, z))), pieces, form
+
+    def __call__(self, ops, x, weight, bias, saved, reward, need_input=True, form=None):
+        """As EpsilonPropagation's; `saved` and `form` as layer_forward gave them (the form is
+        found again from x when not given)."""
         a, b = self.a, self.b
         w_pos, w_neg = _pos(weight), _neg(weight)
-        b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), z)
-        b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), z)
-        r_in, share, s_pos, s_neg = _split(ops, x)(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input)
+        b_pos = 0.0 if bias is None else ops.bias_view(_pos(bias), reward)
+        b_neg = 0.0 if bias is None else ops.bias_view(_neg(bias), reward)
+        messages = form or _split(ops, x)
+        r_in, share, s_pos, s_neg = messages(ops, x, w_pos, w_neg, b_pos, b_neg, reward, a, b, need_input,
+                                             pieces=saved or None)
         f_w = torch.sign(weight) * share
         f_b = None
         if bias is not None:
@@ -435,25 +507,26 @@ def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _saved_in_weight_dtype(ctx, reward):
-    """(x, weight, bias, z, reward, x's dtype). Under autocast the forward saw bf16
-    activations and fp32 weights: the reward is distributed in the weight's precision (no
-    autocast runs in backward) and handed back in the input's."""
-    x, weight, bias, z = ctx.saved_tensors
-    return x.to(weight.dtype), weight, bias, z.to(weight.dtype), reward.to(weight.dtype), x.dtype
+    """(x, weight, bias, the propagation's saved tensors, reward, x's dtype). Under autocast
+    the forward saw bf16 activations and fp32 weights: the reward is distributed in the
+    weight's precision (no autocast runs in backward) and handed back in the input's."""
+    x, weight, bias, *saved = ctx.saved_tensors
+    saved = tuple(t.to(weight.dtype) for t in saved)
+    return x.to(weight.dtype), weight, bias, saved, reward.to(weight.dtype), x.dtype
 
 
 class LFPLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, propagation):
-        z = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight, bias, z)
+        z, saved, ctx.form = propagation.layer_forward(_LinearOps(x), x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, *saved)
         ctx.propagation = propagation
         return z
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
-        r_in, f_w, f_b = ctx.propagation(_LinearOps(x), x, weight, bias, z, reward,
+        x, weight, bias, saved, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
+        r_in, f_w, f_b = ctx.propagation(_LinearOps(x), x, weight, bias, saved, reward, form=ctx.form,
                                          need_input=ctx.needs_input_grad[0])
         return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None
 
@@ -461,16 +534,18 @@ class LFPLinearFunction(torch.autograd.Function):
 class LFPConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, propagation, stride, padding, dilation, groups):
-        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, bias, z)
+        z, saved, ctx.form = propagation.layer_forward(_ConvOps(x, (stride, padding, dilation, groups), weight), x,
+                                                       weight, bias)
+        ctx.save_for_backward(x, weight, bias, *saved)
         ctx.propagation, ctx.conv = propagation, (stride, padding, dilation, groups)
         return z
 
     @staticmethod
     def backward(ctx, reward):
-        x, weight, bias, z, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
+        x, weight, bias, saved, reward, in_dtype = _saved_in_weight_dtype(ctx, reward)
         ops = _ConvOps(x, ctx.conv, weight)
-        r_in, f_w, f_b = ctx.propagation(ops, x, weight, bias, z, reward, need_input=ctx.needs_input_grad[0])
+        r_in, f_w, f_b = ctx.propagation(ops, x, weight, bias, saved, reward, form=ctx.form,
+                                         need_input=ctx.needs_input_grad[0])
         return _to(r_in, in_dtype), f_w.neg_(), None if f_b is None else f_b.neg_(), None, None, None, None, None
 
 
