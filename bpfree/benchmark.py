@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -75,12 +76,14 @@ CASES = {
                       optimizer="adam", rule_options={"kp": {"match": "update", "shrink": 0.1}}),
 }
 
-# (cases, warm-up steps, timed steps per repeat, repeats) per pipeline profile.
+# (cases, warm-up steps, timed steps per repeat, repeats) per pipeline profile; min_sample_ms:
+# a case whose BP step is short times more steps per sample, so that one sample is not a few
+# milliseconds that a clock tick or an interrupt can double (the MLP's step is about 2 ms).
 PROFILES = {
     "smoke": {"cases": ["mlp_mnist", "bert_sick"], "warmup": 1, "steps": 2, "repeats": 2, "batch": 8},
     "cpu": {"cases": ["mlp_mnist", "lenet_cifar10", "resnet18_cifar10", "bert_sick"], "warmup": 3, "steps": 5,
-            "repeats": 5, "batches": {"resnet18_cifar10": 32}},  # a one-thread ResNet-18 step at 128 takes seconds
-    "gpu": {"cases": list(CASES), "warmup": 10, "steps": 50, "repeats": 5},
+            "repeats": 5, "min_sample_ms": 200, "batches": {"resnet18_cifar10": 32}},  # a one-thread ResNet-18 step at 128 takes seconds
+    "gpu": {"cases": list(CASES), "warmup": 10, "steps": 50, "repeats": 5, "min_sample_ms": 50},
 }
 
 
@@ -184,16 +187,25 @@ def step_flops(case: Case, rule: str, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
+def _steps_per_sample(steps: int, step_ms: float, min_sample_ms: float) -> int:
+    """At least `steps`, and enough for a sample of min_sample_ms at step_ms a step."""
+    return max(steps, math.ceil(min_sample_ms / max(step_ms, 1e-6)))
+
+
 def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, repeats: int,
-                   rules: list[str] | None = None, log=None) -> dict:
-    """Median and spread of every rule's step time, interleaved with BP's; ratios to BP."""
+                   rules: list[str] | None = None, log=None, min_sample_ms: float = 0.0) -> dict:
+    """Median and spread of every rule's step time, interleaved with BP's; ratios to BP. A
+    sample times at least `steps` steps, more where BP's warm-up steps say a sample of that
+    many would be shorter than min_sample_ms."""
     rules = [r for r in (rules or rules_for(case)) if r != "bp"]
     timed = _timer(device)
     builders, errors = {}, {}
     for rule in ["bp", *rules]:
         try:
             builders[rule] = make_step(case, rule, device)
-            timed(builders[rule], warmup)  # kernels, allocator, lazily drawn feedback
+            warm_ms = timed(builders[rule], warmup)  # kernels, allocator, lazily drawn feedback
+            if rule == "bp":
+                steps = _steps_per_sample(steps, warm_ms, min_sample_ms)
         except Exception as error:  # one rule that cannot run this model must not sink the rest
             if rule == "bp":
                 raise
@@ -225,7 +237,7 @@ def benchmark_case(case: Case, device: torch.device, warmup: int, steps: int, re
     for rule, error in errors.items():
         results[rule] = {"error": error}
     return {"case": case.name, "description": case.description, "batch": case.batch,
-            "optimizer": case.optimizer, "rules": results}
+            "optimizer": case.optimizer, "steps_per_sample": steps, "rules": results}
 
 
 # --------------------------------------------------------------------------- peers
@@ -328,8 +340,10 @@ def _lfprop_vgg_steps(device: torch.device, batch: int, channels_last: bool = Fa
     return our_step, their_step
 
 
-def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, batch: int = 64) -> list[dict]:
-    """Median step time of ours over the peer's, both timed interleaved in this process."""
+def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, batch: int = 64,
+                min_sample_ms: float = 0.0) -> list[dict]:
+    """Median step time of ours over the peer's, both timed interleaved in this process (a
+    sample at least min_sample_ms long by our warm-up steps, as in benchmark_case)."""
     timed = _timer(device)
     pairs = []
     for name in ("mlp_mnist", "lenet_cifar10"):
@@ -358,16 +372,16 @@ def peer_ratios(device: torch.device, warmup: int, steps: int, repeats: int, bat
         lfprop_missing = f"{LFPROP_NOTE} ({error.name} not importable here)"
     out = []
     for label, ours, theirs, peer in pairs:
-        timed(ours, warmup)
+        pair_steps = _steps_per_sample(steps, timed(ours, warmup), min_sample_ms)
         timed(theirs, warmup)
         a, b = [], []
         for _ in range(repeats):
-            a.append(timed(ours, steps))
-            b.append(timed(theirs, steps))
+            a.append(timed(ours, pair_steps))
+            b.append(timed(theirs, pair_steps))
         ratios = [x / y for x, y in zip(a, b)]
         out.append({"pair": label, "peer": peer, "ours_ms": statistics.median(a), "peer_ms": statistics.median(b),
                     "ratio": statistics.median(a) / statistics.median(b), "ratio_min": min(ratios),
-                    "ratio_max": max(ratios), "batch": batch})
+                    "ratio_max": max(ratios), "batch": batch, "steps_per_sample": pair_steps})
     if missing:
         out.append({"pair": "fa vs biotorch's fa", "peer": "biotorch", "missing": missing})
     if lfprop_missing:
@@ -392,15 +406,17 @@ def run_benchmark(profile: str, device: torch.device, log=None) -> dict:
     for name in spec["cases"]:
         batch = spec.get("batches", {}).get(name, spec.get("batch"))
         cases.append(CASES[name] if batch is None else dataclasses.replace(CASES[name], batch=batch))
-    results = [benchmark_case(case, device, spec["warmup"], spec["steps"], spec["repeats"], log=log)
-               for case in cases]
-    peers = peer_ratios(device, spec["warmup"], spec["steps"], spec["repeats"], batch=spec.get("batch") or 64)
+    min_sample_ms = spec.get("min_sample_ms", 0.0)
+    results = [benchmark_case(case, device, spec["warmup"], spec["steps"], spec["repeats"], log=log,
+                              min_sample_ms=min_sample_ms) for case in cases]
+    peers = peer_ratios(device, spec["warmup"], spec["steps"], spec["repeats"], batch=spec.get("batch") or 64,
+                        min_sample_ms=min_sample_ms)
     return {
         "profile": profile, "device": str(device), "dtype": "float32",
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "load_average_1min": _load_average(),
-        "warmup": spec["warmup"], "steps": spec["steps"],
+        "warmup": spec["warmup"], "steps": spec["steps"], "min_sample_ms": min_sample_ms,
         "repeats": spec["repeats"], "memory": "CUDA max allocated" if device.type == "cuda"
         else "process RSS after building the rule's model alone and 2 steps (in brackets: what they added)",
         "environment": environment_info(device), "git": git_info(), "cases": results, "peers": peers,
@@ -478,11 +494,14 @@ def render_markdown(records: dict) -> str:
                   f"- 1-minute load average at the start: {_fmt(record.get('load_average_1min'), 1)} "
                   f"(other work slows every rule alike; the ratios hold, absolute times do not)",
                   f"- {record['dtype']}; warm-up {record['warmup']} steps, {record['repeats']} repeats of "
-                  f"{record['steps']} steps; memory: {record['memory']}",
+                  f"{record['steps']} steps or more (a sample at least {_fmt(record.get('min_sample_ms'), 0)} ms "
+                  f"of BP's steps; each case says how many); memory: {record['memory']}",
                   f"- torch {env.get('torch', '?')}, python {env.get('python', '?')}; commit "
                   f"`{str(git.get('commit', '?'))[:12]}`{' (dirty tree)' if git.get('dirty') else ''}", ""]
         for case in record["cases"]:
-            lines += [f"### {case['description']} — batch {case['batch']}, {case['optimizer']}", "",
+            per_sample = case.get("steps_per_sample")
+            lines += [f"### {case['description']} — batch {case['batch']}, {case['optimizer']}"
+                      f"{'' if per_sample is None else f', {per_sample} steps a sample'}", "",
                       "| rule | median ms | p25–p75 ms | steps/s | × BP | products × BP | GPU target | memory MB | extra work |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for rule, r in case["rules"].items():

@@ -52,6 +52,19 @@ def test_products_count_each_rules_matrix_work():
     assert step_flops(case, "lfp_ab", cpu) == 9 * unit[0] + 6 * unit[1] + 6 * unit[2]
 
 
+def test_a_short_step_is_timed_in_samples_of_enough_steps():
+    """min_sample_ms: a 2 ms step is timed 100 steps a sample for 200 ms samples; a long step
+    keeps the profile's count."""
+    from bpfree.benchmark import _steps_per_sample
+    assert _steps_per_sample(5, 2.0, 200) == 100 and _steps_per_sample(5, 80.0, 200) == 5
+    assert _steps_per_sample(5, 2.0, 0.0) == 5
+    case = dataclasses.replace(CASES["mlp_mnist"], batch=4)
+    result = benchmark_case(case, torch.device("cpu"), warmup=2, steps=1, repeats=1, rules=["fa"],
+                            min_sample_ms=20.0)
+    bp_ms = result["rules"]["bp"]["median_ms"]
+    assert result["steps_per_sample"] > 1 and result["steps_per_sample"] * bp_ms > 5.0  # about 20 ms
+
+
 def test_a_rule_that_cannot_run_a_model_is_reported_not_fatal():
     case = dataclasses.replace(CASES["mlp_mnist"], batch=4)
     result = benchmark_case(case, torch.device("cpu"), warmup=1, steps=1, repeats=1, rules=["dtp"])
