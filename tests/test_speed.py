@@ -46,41 +46,43 @@ def test_every_rule_steps_under_bf16_autocast(rule, model_name):
             assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
+def step_grads(rule, model_name, variant):
+    """The .grad of one step (lr 0) of `rule`, with the model's call and input given by
+    variant(model, x) -> (net, x); noise-drawing rules (DTP, WM) draw the same."""
+    model, handle, x, y = build(rule, model_name)
+    net, x = variant(model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimisation_step(net, handle, optimizer, x, y)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got, want):
+    assert got.keys() == want.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def as_is(model, x):
+    return model, x
+
+
 @pytest.mark.parametrize("rule,model_name", CASES)
 def test_every_rule_under_torch_compile_matches_eager(rule, model_name):
-    grads = []
     torch._dynamo.reset()  # a fresh compile per case: no graph cached from another rule
-    for compiled in (False, True):
-        model, handle, x, y = build(rule, model_name)
-        net = torch.compile(model, backend="aot_eager") if compiled else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: compare the step's .grad
-        torch.manual_seed(3)  # rules that draw noise (DTP, WM) draw the same
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optimisation_step(net, handle, optimizer, x, y)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    compiled = step_grads(rule, model_name, lambda model, x: (torch.compile(model, backend="aot_eager"), x))
+    assert_same_grads(compiled, step_grads(rule, model_name, as_is))
 
 
 @pytest.mark.parametrize("rule", bpfree.list_layer_rules())
 def test_every_layer_rule_in_channels_last_matches_contiguous(rule):
     """speed.channels_last (the model and images in NHWC, as the bench's peer rows time it)
     changes the convolutions' summation order only: the same .grad to rounding."""
-    grads = []
-    for channels_last in (False, True):
-        model, handle, x, y = build(rule, "lenet_mnist")
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        torch.manual_seed(3)
-        optimisation_step(model, handle, optimizer, x, y)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    def nhwc(model, x):
+        return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    assert_same_grads(step_grads(rule, "lenet_mnist", nhwc), step_grads(rule, "lenet_mnist", as_is))
 
 
 def test_speed_profile_key_is_validated_and_only_set_when_used(params):
